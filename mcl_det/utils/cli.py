@@ -1,0 +1,29 @@
+"""Entry-point wrapper: user errors become one line on stderr and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+from .errors import MCLDetError
+
+EXIT_USER_ERROR = 2
+
+
+def run_main(main: Callable[[], int | None]) -> None:
+    """Run ``main`` and exit. ``MCLDetError`` -> ``error: ...`` + exit 2; Ctrl-C -> exit 130.
+
+    Set ``MCL_DET_DEBUG=1`` to get the full traceback of a user error instead.
+    """
+    try:
+        code = main()
+    except MCLDetError as e:
+        if os.environ.get("MCL_DET_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(int(code or 0))
