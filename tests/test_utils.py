@@ -1,0 +1,92 @@
+"""Shared helpers: config merging errors, atomic writes, the CLI error convention."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from yacs.config import CfgNode
+
+from mcl_det.config import merge_cfg, save_cfg
+from mcl_det.utils.errors import MCLDetError
+from mcl_det.utils.io import atomic_torch_save, atomic_write_json, sha256_file
+
+
+def _defaults() -> CfgNode:
+    cfg = CfgNode()
+    cfg.A = 1
+    cfg.B = CfgNode()
+    cfg.B.C = "x"
+    return cfg
+
+
+def test_merge_file_and_opts(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("A: 5\nB:\n  C: y\n")
+    cfg = merge_cfg(_defaults(), str(f), ["A", "7"])
+    assert cfg.A == 7 and cfg.B.C == "y"
+
+
+@pytest.mark.parametrize(
+    "text,opts,needle",
+    [
+        ("A: 1\nZZZ: 2\n", [], "ZZZ"),  # unknown key in the file
+        ("", ["B.NOPE", "1"], "B.NOPE"),  # unknown key in the overrides
+        ("", ["A"], "odd number"),
+        ("A: [unclosed\n", [], "cannot parse"),
+        ("A: notanint\n", [], "bad config file"),  # type mismatch
+    ],
+)
+def test_merge_errors_are_one_line(tmp_path, text, opts, needle):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(MCLDetError) as e:
+        merge_cfg(_defaults(), str(f), opts)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(MCLDetError, match="config file not found"):
+        merge_cfg(_defaults(), str(tmp_path / "nope.yaml"))
+
+
+def test_save_cfg_roundtrip(tmp_path):
+    cfg = merge_cfg(_defaults(), None, ["A", "3"])
+    save_cfg(cfg, tmp_path / "config.yaml")
+    again = merge_cfg(_defaults(), str(tmp_path / "config.yaml"))
+    assert again == cfg
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    p = tmp_path / "ckpt.pth"
+    atomic_torch_save({"a": 1}, p)
+    before = sha256_file(p)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        atomic_torch_save({"a": Unpicklable()}, p)
+    assert sha256_file(p) == before  # the earlier checkpoint is intact
+    assert [x.name for x in tmp_path.iterdir()] == ["ckpt.pth"]  # no temp file left behind
+
+
+def test_atomic_json(tmp_path):
+    atomic_write_json(tmp_path / "r.json", {"b": 1, "a": [1, 2]})
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": [1, 2], "b": 1}
+
+
+def test_run_main_user_error_is_one_line(tmp_path):
+    code = (
+        "from mcl_det.utils.cli import run_main\n"
+        "from mcl_det.utils.errors import MCLDetError\n"
+        "def main():\n    raise MCLDetError('dataset not found: /x; pass DATA.ROOT')\n"
+        "run_main(main)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MCL_DET_DEBUG"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: dataset not found: /x; pass DATA.ROOT"
+    assert "Traceback" not in r.stderr
