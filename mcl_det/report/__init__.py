@@ -1,0 +1,100 @@
+"""Run folders -> the comparison a paper needs: AP tables (mean ± std over seeds, deltas vs the
+baseline), pretraining monitors, plots.
+
+Public API:
+    build_report(inputs, baseline=None, per_class=False, reference=None, decimals=1) -> Report
+    render(report, fmt)  # fmt in md | csv | latex | json
+    main(argv=None)      # the CLI behind tools/report.py
+
+Grouping rule: runs with the same task, test datasets and detector are one table; inside it, a
+run's group is its ``weights_tag``, else its ``run_name`` minus a trailing ``_seedN``/``-sN``
+(see ``collect.group_name``). The runs of a group are trials of one setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from ..utils.errors import MCLDetError
+from ..utils.io import atomic_write_text
+from .collect import Collection, collect, group_name
+from .plots import plot_bars, plot_curves
+from .render import FORMATS, Report, render
+from .tables import build_sections, load_reference, summarize_pretrain
+
+__all__ = ["build_report", "collect", "group_name", "main", "render", "Report"]
+
+_EXT_FORMAT = {".md": "md", ".csv": "csv", ".tex": "latex", ".json": "json"}
+
+
+def build_report(
+    inputs: Sequence[str],
+    baseline: str | None = None,
+    per_class: bool = False,
+    reference: str | None = None,
+    decimals: int = 1,
+) -> tuple[Report, Collection]:
+    """Collect runs under ``inputs`` and compute every table. Raises ``MCLDetError`` when nothing
+    usable is found (the message lists what was skipped and why)."""
+    col = collect(list(inputs))
+    skipped = [(s.path, s.reason) for s in col.skipped]
+    if not col.runs and not col.logs:
+        listed = "; ".join(f"{p}: {r}" for p, r in skipped[:5])
+        more = f" (+{len(skipped) - 5} more)" if len(skipped) > 5 else ""
+        raise MCLDetError(
+            f"no usable results found in {' '.join(inputs)}"
+            + (f" [skipped: {listed}{more}]" if listed else "")
+            + "; point at OUTPUT_DIRs of finished tools/train_net.py or pretrain/main.py runs"
+        )
+    ref = load_reference(reference) if reference else None
+    sections = build_sections(col.runs, baseline=baseline, per_class=per_class, reference=ref)
+    pretrain = [summarize_pretrain(log) for log in col.logs]
+    rep = Report(sections, pretrain, list(col.warnings), skipped, decimals)
+    return rep, col
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="tools/report.py",
+        description="AP tables (mean ± std over seeds, deltas vs the baseline) from run folders.",
+    )
+    ap.add_argument("inputs", nargs="+", metavar="RUN_DIR_OR_GLOB", help="searched recursively")
+    ap.add_argument("--baseline", help="group to compare against (default: the one named baseline)")
+    ap.add_argument("--format", choices=FORMATS, help="default: from --output's extension, else md")
+    ap.add_argument("--output", help="write the table here (atomically) instead of stdout")
+    ap.add_argument("--plot", metavar="FILE.png", help="grouped bars with error bars per metric")
+    ap.add_argument("--curves", metavar="FILE.png", help="loss / AP vs iteration (metrics.json)")
+    ap.add_argument("--reference", metavar="FILE.yaml", help="published numbers shown beside ours")
+    ap.add_argument("--per-class", action="store_true", help="also per-class AP tables")
+    ap.add_argument("--decimals", type=int, default=1, help="digits after the point (default 1)")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: exit 0 with a table (skipped runs listed on stderr), MCLDetError when nothing usable."""
+    a = _parser().parse_args(argv)
+    fmt = a.format
+    if fmt is None:
+        ext = "." + a.output.rsplit(".", 1)[-1].lower() if a.output and "." in a.output else ""
+        fmt = _EXT_FORMAT.get(ext, "md")
+    if a.decimals < 0 or a.decimals > 6:
+        raise MCLDetError(f"--decimals {a.decimals} is out of range; use 0..6")
+    rep, col = build_report(a.inputs, a.baseline, a.per_class, a.reference, a.decimals)
+    text = render(rep, fmt)
+    # figures first: a failure there must not leave a fresh table next to a stale figure
+    if a.plot:
+        plot_bars(rep.sections, a.plot)
+    if a.curves:
+        plot_curves(col.curves, a.curves)
+    for w in rep.warnings + [w for s in rep.sections for w in s.warnings]:
+        print(f"warning: {w}", file=sys.stderr)
+    for p, r in rep.skipped:
+        print(f"skipped: {p}: {r}", file=sys.stderr)
+    if a.output:
+        atomic_write_text(a.output, text)
+        print(f"wrote {a.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0

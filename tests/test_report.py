@@ -1,0 +1,440 @@
+"""tools/report.py: synthetic run folders -> exact tables, the math of every cell, fairness
+warnings, pretraining summary, PNGs, and bad input (one ``error:`` line, never a traceback)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mcl_det.report import build_report, group_name, main, render
+from mcl_det.report.tables import delta, load_reference, mean_std
+from mcl_det.utils.errors import MCLDetError
+
+ROOT = Path(__file__).resolve().parents[1]
+DET = "GeneralizedRCNN/StandardROIHeads/build_resnet_fpn_backbone/R18"
+
+
+def write_run(folder: Path, tag: str | None, seed: int, bbox: dict, **fields) -> Path:
+    """A results.json as tools/train_net.py writes it (docs/DESIGN.md)."""
+    data = {
+        "format": "mcl_det.detection_results/v1",
+        "finished": True,
+        "run_name": f"voc_r18_{tag}_seed{seed}",
+        "task": "voc",
+        "dataset_train": ["voc_2007_trainval"],
+        "dataset_test": ["voc_2007_test"],
+        "detector": DET,
+        "mask_on": False,
+        "weights": f"/w/{tag}_member0.pkl",
+        "weights_sha256": "0" * 64,
+        "weights_tag": tag,
+        "seed": seed,
+        "max_iter": 200,
+        "iteration": 200,
+        "world_size": 1,
+        "ims_per_batch": 4,
+        "min_size_train": [480, 512],
+        "min_size_test": 320,
+        "wall_time_s": 12.5,
+        "config_digest": "d" * 64,
+        "metrics": {"bbox": bbox},
+    }
+    data.update(fields)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(data))
+    return folder / "results.json"
+
+
+def voc(ap50: float, ap: float, ap75: float, **per_class: float) -> dict:
+    return {"AP50": ap50, "AP": ap, "AP75": ap75, **{f"AP50-{k}": v for k, v in per_class.items()}}
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Path:
+    """baseline and mcl x 3 seeds, plus one untagged single-seed run (group from run_name)."""
+    base = [(50, 30, 25), (51, 30.5, 25), (52, 31, 25)]
+    mcl = [(53, 30, 24), (54, 31, 24), (55, 32, 24.6)]
+    for s, v in enumerate(base):
+        write_run(tmp_path / "det_baseline" / f"seed{s}", "baseline", s, voc(*v, cat=v[0] + 1))
+    for s, v in enumerate(mcl):
+        write_run(tmp_path / "det_mcl" / f"seed{s}", "mcl", s, voc(*v, cat=v[0] - 2))
+    write_run(
+        tmp_path / "other",
+        None,
+        3,
+        voc(52, 29, 26),
+        run_name="voc_r18_other-s3",
+        weights="/w/other.pkl",
+    )
+    return tmp_path
+
+
+def report_text(paths: list[Path], fmt: str = "md", **kw) -> str:
+    rep, _ = build_report([str(p) for p in paths], **kw)
+    return render(rep, fmt)
+
+
+# ----------------------------------------------------------------------------- math
+
+
+def test_group_name_rule():
+    assert group_name({"weights_tag": "mcl", "run_name": "x_seed1"}) == "mcl"
+    assert group_name({"weights_tag": "", "run_name": "voc_mcl_seed12"}) == "voc_mcl"
+    assert group_name({"run_name": "voc_mcl-s3"}) == "voc_mcl"
+    assert group_name({"run_name": "voc_mcl_S0"}) == "voc_mcl"
+    assert group_name({"run_name": "voc_mcl_ss"}) == "voc_mcl_ss"  # not a seed suffix
+    assert group_name({"weights": "/a/b/mcl_member0_seed2.pkl"}) == "mcl_member0"
+    # train_net.py's default run_name is the OUTPUT_DIR folder name, often just "seed0"
+    assert group_name({"run_name": "seed0", "weights": "/w/mcl_m0.pkl"}) == "mcl_m0"
+    assert group_name({"run_name": "seed0", "weights": ""}, Path("o/det_mcl/seed0/r.json")) == (
+        "det_mcl"
+    )
+
+
+def loop_mean_std(xs: list[float]) -> tuple[float, float]:
+    m = 0.0
+    for x in xs:
+        m += x
+    m /= len(xs)
+    ss = 0.0
+    for x in xs:
+        ss += (x - m) ** 2
+    return m, math.sqrt(ss / (len(xs) - 1))
+
+
+@pytest.mark.parametrize("xs", [[50.0, 51.0, 52.0], [24.0, 24.0, 24.6], [1.5, -2.25, 7.0, 0.125]])
+def test_mean_std_matches_loop(xs):
+    s = mean_std(xs)
+    m, sd = loop_mean_std(xs)
+    assert s.n == len(xs)
+    assert s.mean == pytest.approx(m, abs=1e-12)
+    assert s.std == pytest.approx(sd, abs=1e-12)
+
+
+def test_mean_std_single_and_nan():
+    one = mean_std([42.0])
+    assert (one.mean, one.std, one.n) == (42.0, None, 1)
+    s = mean_std([10.0, float("nan"), 14.0])  # COCO APs can be NaN: left out, n says so
+    assert (s.mean, s.n) == (12.0, 2) and s.std == pytest.approx(math.sqrt(8.0))
+    assert mean_std([float("nan")]) is None
+
+
+def test_delta_and_spread_rule():
+    base, g = mean_std([50.0, 51.0, 52.0]), mean_std([53.0, 54.0, 55.0])
+    d = delta(g, base)  # +3.0 vs spread 1.0 + 1.0
+    assert d.value == pytest.approx(3.0) and d.exceeds is True
+    d = delta(mean_std([30.0, 31.0, 32.0]), mean_std([30.0, 30.5, 31.0]))  # +0.5 vs 1.5
+    assert d.value == pytest.approx(0.5) and d.exceeds is False
+    d = delta(mean_std([51.5, 52.5, 53.5]), base)  # 1.5 > each std (1.0) but < their sum
+    assert d.value == pytest.approx(1.5) and d.exceeds is False
+    d = delta(mean_std([52.0]), base)  # n=1: spread unknown
+    assert d.value == pytest.approx(1.0) and d.exceeds is None
+
+
+# ----------------------------------------------------------------------------- exact tables
+
+CELLS = (
+    "Cells: mean ± sample std (ddof=1) over the n trials (seeds) of a group; "
+    "(n=1): a single trial, no spread."
+)
+DELTA = (
+    "Δ: group mean minus the mean of the baseline 'baseline'. * marks |Δ| > std(group) + "
+    "std(baseline): the difference exceeds the trials' spread (a rough check, not a significance "
+    "test; impossible with n=1)."
+)
+TITLE = f"VOC voc_2007_test · {DET}"
+
+EXPECTED_MD = f"""\
+**{TITLE} (bbox)**
+
+| weights | n | AP50 | Δ AP50 | AP | Δ AP | AP75 | Δ AP75 |
+| :-- | --: | --: | --: | --: | --: | --: | --: |
+| baseline | 3 | 51.0 ± 1.0 |  | 30.5 ± 0.5 |  | 25.0 ± 0.0 |  |
+| mcl | 3 | 54.0 ± 1.0 | +3.0* | 31.0 ± 1.0 | +0.5 | 24.2 ± 0.3 | −0.8* |
+| voc_r18_other | 1 | 52.0 (n=1) | +1.0 | 29.0 (n=1) | −1.5 | 26.0 (n=1) | +1.0 |
+
+- {CELLS}
+- {DELTA}
+"""
+
+
+def test_markdown_exact(runs):
+    assert report_text([runs]) == EXPECTED_MD
+
+
+def test_csv_exact(runs):
+    head = "detection,voc,voc_2007_test," + DET + ",bbox,"
+    expected = (
+        "table,task,dataset_test,detector,iou_type,group,published,n,metric,mean,std,delta,"
+        "exceeds_spread,baseline\n"
+        f"{head}baseline,0,3,AP50,51.0000,1.0000,,,baseline\n"
+        f"{head}baseline,0,3,AP,30.5000,0.5000,,,baseline\n"
+        f"{head}baseline,0,3,AP75,25.0000,0.0000,,,baseline\n"
+        f"{head}mcl,0,3,AP50,54.0000,1.0000,3.0000,1,baseline\n"
+        f"{head}mcl,0,3,AP,31.0000,1.0000,0.5000,0,baseline\n"
+        f"{head}mcl,0,3,AP75,24.2000,0.3464,-0.8000,1,baseline\n"
+        f"{head}voc_r18_other,0,1,AP50,52.0000,,1.0000,,baseline\n"
+        f"{head}voc_r18_other,0,1,AP,29.0000,,-1.5000,,baseline\n"
+        f"{head}voc_r18_other,0,1,AP75,26.0000,,1.0000,,baseline\n"
+    )
+    assert report_text([runs], "csv") == expected
+
+
+def test_latex_exact(runs):
+    title = TITLE.replace("_", r"\_").replace("·", "--")
+    expected = (
+        "% generated by tools/report.py (mcl_det); needs \\usepackage{booktabs}\n"
+        "\\begin{table}[t]\n\\centering\n"
+        f"\\caption{{{title} (bbox)}}\n"
+        "\\begin{tabular}{lrrrrrrr}\n\\toprule\n"
+        "weights & n & AP50 & $\\Delta$ AP50 & AP & $\\Delta$ AP & AP75 & $\\Delta$ AP75 \\\\\n"
+        "\\midrule\n"
+        "baseline & 3 & 51.0 $\\pm$ 1.0 &  & 30.5 $\\pm$ 0.5 &  & 25.0 $\\pm$ 0.0 &  \\\\\n"
+        "mcl & 3 & 54.0 $\\pm$ 1.0 & +3.0$^*$ & 31.0 $\\pm$ 1.0 & +0.5 & 24.2 $\\pm$ 0.3 "
+        "& $-$0.8$^*$ \\\\\n"
+        "voc\\_r18\\_other & 1 & 52.0 (n=1) & +1.0 & 29.0 (n=1) & $-$1.5 & 26.0 (n=1) & +1.0 \\\\\n"
+        "\\bottomrule\n\\end{tabular}\n"
+        "\\par\\smallskip{\\footnotesize Cells: mean $\\pm$ sample std (ddof=1) over the n trials "
+        "(seeds) of a group; (n=1): a single trial, no spread. \\par $\\Delta$: group mean minus "
+        "the mean of the baseline 'baseline'. $^*$ marks $|$$\\Delta$$|$ $>$ std(group) + "
+        "std(baseline): the difference exceeds the trials' spread (a rough check, not a "
+        "significance test; impossible with n=1).}\n"
+        "\\end{table}\n"
+    )
+    assert report_text([runs], "latex") == expected
+
+
+def test_json_exact(runs):
+    d = json.loads(report_text([runs], "json"))
+    assert d["format"] == "mcl_det.report/v1"
+    assert (d["pretraining"], d["warnings"], d["skipped"]) == ([], [], [])
+    (sec,) = d["sections"]
+    assert sec["baseline"] == "baseline" and sec["metrics"] == ["AP50", "AP", "AP75"]
+    assert sec["warnings"] == [] and sec["notes"] == [CELLS, DELTA]
+    got = {g["name"]: (g["n"], g["stats"], g["deltas"]) for g in sec["groups"]}
+    assert [g["name"] for g in sec["groups"]] == ["baseline", "mcl", "voc_r18_other"]
+    assert got["baseline"] == (
+        3,
+        {
+            "AP50": {"mean": 51.0, "std": 1.0, "n": 3},
+            "AP": {"mean": 30.5, "std": 0.5, "n": 3},
+            "AP75": {"mean": 25.0, "std": 0.0, "n": 3},
+        },
+        {},
+    )
+    assert got["mcl"] == (
+        3,
+        {
+            "AP50": {"mean": 54.0, "std": 1.0, "n": 3},
+            "AP": {"mean": 31.0, "std": 1.0, "n": 3},
+            "AP75": {"mean": 24.2, "std": round(math.sqrt(0.12), 6), "n": 3},
+        },
+        {
+            "AP50": {"delta": 3.0, "exceeds_spread": True},
+            "AP": {"delta": 0.5, "exceeds_spread": False},
+            "AP75": {"delta": -0.8, "exceeds_spread": True},
+        },
+    )
+    assert got["voc_r18_other"][2]["AP"] == {"delta": -1.5, "exceeds_spread": None}
+    runs_of = [r["seed"] for r in sec["groups"][1]["runs"]]
+    assert runs_of == [0, 1, 2]  # the three seeds are trials of one group
+
+
+def test_per_class_table(runs):
+    text = report_text([runs / "det_baseline", runs / "det_mcl"], per_class=True)
+    expected = f"""\
+**{TITLE} (bbox, per-class)**
+
+| class | baseline (n=3) | mcl (n=3) | Δ mcl |
+| :-- | --: | --: | --: |
+| cat | 52.0 ± 1.0 | 52.0 ± 1.0 | +0.0 |
+"""
+    assert expected in text
+
+
+def test_baseline_override_and_missing(runs):
+    text = report_text([runs], baseline="mcl")
+    assert "| mcl | 3 | 54.0 ± 1.0 |  |" in text
+    assert "| baseline | 3 | 51.0 ± 1.0 | −3.0* |" in text
+    with pytest.raises(MCLDetError, match="not a run group"):
+        build_report([str(runs)], baseline="nope")
+    text = report_text([runs / "det_mcl", runs / "other"])
+    assert "Δ" not in text.split("\n\n")[1]  # header without delta columns
+    assert "No deltas: no group is named or tagged 'baseline'; pass --baseline NAME." in text
+
+
+def test_reference_rows(runs):
+    ref = ROOT / "tools/references/moco_voc07_r50_c4.yaml"
+    r = load_reference(str(ref))
+    assert r.trials == 5 and "2003.04297" in r.source
+    assert r.rows == [
+        ("supervised ImageNet", {"AP50": 81.3, "AP": 53.5, "AP75": 58.8}),
+        ("MoCo v1 200ep", {"AP50": 81.5, "AP": 55.9, "AP75": 62.6}),
+        ("MoCo v2 200ep", {"AP50": 82.4, "AP": 57.0, "AP75": 63.6}),
+        ("MoCo v2 800ep", {"AP50": 82.5, "AP": 57.4, "AP75": 64.0}),
+    ]
+    text = report_text([runs / "det_baseline"], reference=str(ref))
+    assert "| MoCo v2 800ep [published] | 5 | 82.5 |  | 57.4 |  | 64.0 |  |" in text
+    assert "means of 5 trials from" in text
+
+
+def test_bad_reference(tmp_path, runs):
+    bad = tmp_path / "ref.yaml"
+    bad.write_text("source: x\ntask: voc\nmetrics: [AP]\nrows: []\ncolour: red\n")
+    with pytest.raises(MCLDetError, match="unknown key"):
+        build_report([str(runs)], reference=str(bad))
+
+
+# ----------------------------------------------------------------------------- fairness
+
+
+def test_unfair_comparison_warning(tmp_path, capsys):
+    write_run(tmp_path / "b0", "baseline", 0, voc(50, 30, 25))
+    write_run(tmp_path / "m0", "mcl", 0, voc(51, 31, 26), max_iter=100, iteration=100)
+    assert main([str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    msg = (
+        f"unfair comparison in {TITLE} (bbox): max_iter differs: 200 in baseline/seed0; "
+        "100 in mcl/seed0"
+    )
+    assert f"> **Warning:** {msg}" in out
+    assert f"warning: {msg}" in err
+    assert "config_digest" not in out  # explained by max_iter already
+
+
+def test_config_digest_warning_and_fair_runs(tmp_path, capsys):
+    write_run(tmp_path / "b0", "baseline", 0, voc(50, 30, 25))
+    write_run(tmp_path / "b1", "baseline", 1, voc(50, 30, 25))
+    write_run(tmp_path / "m0", "mcl", 0, voc(51, 31, 26))
+    main([str(tmp_path)])
+    assert "warning" not in capsys.readouterr().err.lower()
+    write_run(tmp_path / "m0", "mcl", 0, voc(51, 31, 26), config_digest="e" * 64)
+    main([str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert "config_digest differs" in out and "compare the saved configs" in err
+
+
+# ----------------------------------------------------------------------------- coco, pretraining
+
+
+def test_coco_bbox_and_segm(tmp_path):
+    for s, (a, m) in enumerate([(40.0, 35.0), (42.0, float("nan"))]):
+        # train_net.py writes NaN as null; json.dumps would write NaN: both must mean "missing"
+        aps = None if s == 0 else float("nan")
+        bbox = {"AP": a, "AP50": a + 20, "AP75": a + 2, "APs": aps, "APm": a, "APl": a}
+        segm = {"AP": m, "AP50": 55.0, "AP75": 36.0, "APs": 1.0, "APm": 2.0, "APl": 3.0}
+        write_run(
+            tmp_path / f"s{s}",
+            "baseline",
+            s,
+            bbox,
+            task="coco",
+            mask_on=True,
+            dataset_test=["coco_2017_val"],
+            metrics={"bbox": bbox, "segm": segm},
+        )
+    text = report_text([tmp_path])
+    assert "| weights | n | AP | Δ AP | AP50 | Δ AP50 | AP75 | Δ AP75 | APs | Δ APs |" in text
+    assert "| baseline | 2 | 41.0 ± 1.4 |  | 61.0 ± 1.4 |  | 43.0 ± 1.4 |  | – |" in text
+    assert "(segm)**" in text and "| baseline | 2 | 35.0 (n=1) |" in text
+
+
+def write_log(path: Path, lines: list[dict], tail: str = "") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines) + tail)
+
+
+def test_pretrain_summary(tmp_path):
+    ev = [
+        {"type": "train", "epoch": 1, "iteration": 5, "loss": 9.0},
+        {"type": "eval", "epoch": 1, "member_metrics": [{"name": "top1", "value": 20.0}] * 2,
+         "ensemble_top1": 30.0},
+        {"type": "train", "epoch": 2, "iteration": 10, "loss": 7.5},
+        {"type": "eval", "epoch": 2, "member_metrics": [
+            {"name": "top1", "value": 25.0}, {"name": "top1", "value": 18.5}],
+         "ensemble_top1": 31.25},
+    ]  # fmt: skip
+    write_log(tmp_path / "pre_sup" / "log.jsonl", ev, tail='{"type": "tra')  # killed mid-write
+    rep, _ = build_report([str(tmp_path / "pre_sup")])
+    assert rep.warnings and "partial last line" in rep.warnings[0]
+    expected = """\
+| run | epoch | loss | member | metric | last | best (epoch) |
+| :-- | --: | --: | --: | --: | --: | --: |
+| pre_sup | 2 | 7.5 | 0 | top1 | 25.0 | 25.0 (2) |
+| pre_sup | 2 | 7.5 | 1 | top1 | 18.5 | 20.0 (1) |
+| pre_sup | 2 | 7.5 | ensemble | top1 | 31.2 | 31.2 (2) |
+"""
+    assert expected in render(rep, "md")
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def test_plot_and_curves_are_pngs(runs, tmp_path):
+    from PIL import Image
+
+    lines = [{"iteration": i, "total_loss": 2.0 - i / 100} for i in range(0, 100, 10)]
+    lines += [{"iteration": 99, "bbox/AP50": 53.0}]
+    write_log(runs / "det_mcl" / "seed0" / "metrics.json", lines)
+    bars, curves = tmp_path / "figs" / "bars.png", tmp_path / "figs" / "curves.png"
+    ref = str(ROOT / "tools/references/moco_voc07_r50_c4.yaml")
+    main([str(runs), "--plot", str(bars), "--curves", str(curves), "--reference", ref,
+          "--output", str(tmp_path / "t.md")])  # fmt: skip
+    for p in (bars, curves):
+        with Image.open(p) as im:
+            im.verify()
+        with Image.open(p) as im:
+            assert im.format == "PNG" and im.size[0] >= 600 and im.size[1] >= 300
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tools/report.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def assert_one_error(r: subprocess.CompletedProcess, *words: str) -> None:
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for w in words:
+        assert w in lines[0]
+
+
+def test_cli_nothing_usable(tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "results.json").write_text('{"format": "mcl_det.detection')
+    write_run(tmp_path / "unfinished", "mcl", 0, voc(1, 1, 1), finished=False, iteration=50)
+    r = cli(str(tmp_path / "empty*"), str(tmp_path))
+    assert_one_error(r, "no usable results", "malformed or partial JSON", "unfinished run")
+    assert r.stdout == ""
+
+
+def test_cli_skips_bad_runs_and_keeps_good(tmp_path):
+    write_run(tmp_path / "ok", "baseline", 0, voc(50, 30, 25))
+    write_run(tmp_path / "unfinished", "mcl", 0, voc(1, 1, 1), finished=False, iteration=50)
+    out = tmp_path / "t.csv"
+    out.write_text("old")
+    r = cli(str(tmp_path), "--output", str(out))
+    assert r.returncode == 0 and "Traceback" not in r.stderr
+    assert f"skipped: {tmp_path / 'unfinished' / 'results.json'}: unfinished run" in r.stderr
+    text = out.read_text()  # format from the extension
+    assert (
+        text.startswith("table,task,") and "# skipped: " in text and ",baseline,0,1,AP50," in text
+    )
+    r = cli(str(tmp_path), "--reference", str(tmp_path / "nope.yaml"), "--output", str(out))
+    assert_one_error(r, "reference file not found")
+    assert out.read_text() == text  # earlier result intact
