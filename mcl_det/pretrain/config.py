@@ -1,0 +1,147 @@
+"""yacs defaults for MCL pretraining.
+
+The defaults are the paper's recipes: the self-supervised ones are MoCo v2's (the base method of the
+paper's ImageNet self-supervised experiments), the supervised ones ImageNet's. Shipped YAML files in
+``pretrain/configs/`` only override what differs; unknown keys are an error (``merge_cfg``).
+"""
+
+from __future__ import annotations
+
+from yacs.config import CfgNode as CN
+
+
+def get_pretrain_cfg() -> CN:
+    """Return a fresh copy of the pretraining defaults (MoCo v2 + MCL, self-supervised)."""
+    _C = CN()
+    _C.MODE = "selfsup"  # "selfsup" (MoCo v2 base) or "supervised"
+    _C.OUTPUT_DIR = "output/pretrain"
+    _C.SEED = 0
+    _C.DEVICE = ""  # "" -> cuda when available, else cpu
+
+    _C.MODEL = CN()
+    _C.MODEL.ARCH = "resnet50"  # used for every member when ARCHS is empty
+    _C.MODEL.ARCHS = []  # one torchvision ResNet name per member (heterogeneous cohorts)
+    _C.MODEL.COHORT = 2  # M, number of members (ignored when ARCHS is given)
+    _C.MODEL.DIM = 128  # embedding size of the projection head
+    _C.MODEL.HEAD_HIDDEN = 0  # hidden width of the MLP head; 0 -> backbone feature width (MoCo v2)
+    _C.MODEL.MOMENTUM = 0.999  # key encoder EMA (selfsup)
+    _C.MODEL.QUEUE_SIZE = 65536  # K, keys per member queue (selfsup)
+    # single-process shuffle-BN equivalent: the local batch is cut into this many BN groups (as if
+    # it were spread over that many GPUs); the key batch is shuffled before it is cut. 1 = off.
+    _C.MODEL.SHUFFLE_BN_SPLITS = 1
+    _C.MODEL.SHUFFLE_BN = True  # shuffle keys across ranks (and across the splits above)
+    _C.MODEL.SYNC_BN = False  # SyncBatchNorm (supervised only; selfsup relies on per-rank BN)
+    _C.MODEL.CHANNELS_LAST = False
+    _C.MODEL.COMPILE = False  # torch.compile each member's encoder
+    _C.MODEL.NUM_CLASSES = 0  # supervised: 0 -> number of classes found in the dataset
+
+    _C.LOSS = CN()
+    _C.LOSS.TAU = 0.2  # contrastive temperature (MoCo v2: 0.2; supervised MCL: 0.07)
+    _C.LOSS.T = 3.0  # KL temperature of the soft terms
+    _C.LOSS.W_CE = 1.0  # supervised: weight of each member's cross-entropy
+    _C.LOSS.W_VCL = 1.0  # alpha in the supervised recipe
+    _C.LOSS.W_ICL = 1.0  # beta
+    _C.LOSS.W_SOFT_VCL = 1.0  # gamma
+    _C.LOSS.W_SOFT_ICL = 1.0  # lambda
+
+    _C.SUP = CN()
+    _C.SUP.NEGATIVES = "bank"  # "bank" (memory bank, ImageNet size) or "batch" (SupCon style)
+    _C.SUP.BANK_NEGATIVES = 8192  # sampled negatives per anchor, shared by every member
+    _C.SUP.BANK_MOMENTUM = 0.5  # bank entry <- normalise(m * old + (1 - m) * new)
+    _C.SUP.SAMPLES_PER_CLASS = 4  # class-balanced sampler ("batch" variant)
+
+    _C.DATA = CN()
+    _C.DATA.ROOT = "toy"  # ImageFolder root with TRAIN_DIR/ and VAL_DIR/; "toy" -> generated
+    _C.DATA.TRAIN_DIR = "train"
+    _C.DATA.VAL_DIR = "val"
+    _C.DATA.IMAGE_SIZE = 224
+    _C.DATA.AUG = "aug+"  # selfsup: "aug+" (MoCo v2) or "aug" (MoCo v1)
+    _C.DATA.NUM_WORKERS = 4
+    _C.DATA.SCAN_IMAGES = True  # open every image header once at start; unreadable ones skipped
+
+    _C.SOLVER = CN()
+    _C.SOLVER.IMS_PER_BATCH = 256  # GLOBAL batch over all processes
+    _C.SOLVER.BASE_LR = 0.03  # lr for REFERENCE_BATCH images; scaled linearly to IMS_PER_BATCH
+    _C.SOLVER.REFERENCE_BATCH = 256
+    _C.SOLVER.MOMENTUM = 0.9
+    _C.SOLVER.NESTEROV = False
+    _C.SOLVER.WEIGHT_DECAY = 1e-4
+    _C.SOLVER.SCHEDULE = "cosine"  # "cosine" (per iteration) or "step"
+    _C.SOLVER.STEPS = (120, 160)  # epochs where the lr is multiplied by GAMMA ("step")
+    _C.SOLVER.GAMMA = 0.1
+    _C.SOLVER.EPOCHS = 200
+    _C.SOLVER.MAX_ITER = (
+        0  # > 0: stop after this many iterations (the lr schedule still spans EPOCHS)
+    )
+    _C.SOLVER.AMP = ""  # "", "bf16" or "fp16"
+    _C.SOLVER.CHECKPOINT_PERIOD = 1000  # iterations; checkpoints are also written at epoch ends
+
+    _C.MONITOR = CN()
+    _C.MONITOR.EVAL_PERIOD = 1  # epochs between kNN / top-1 evaluations; 0 = never
+    _C.MONITOR.KNN_K = 200
+    _C.MONITOR.KNN_T = 0.07
+    _C.MONITOR.KNN_MAX_TRAIN = 0  # > 0: kNN memory uses at most this many train images
+    _C.MONITOR.LOG_PERIOD = 20  # iterations between train lines in log.jsonl
+    _C.MONITOR.TENSORBOARD = True
+    _C.MONITOR.PROGRESS = True  # tqdm bar with ETA (rank 0)
+
+    _C.LINEAR = CN()  # linear evaluation, MoCo recipe
+    _C.LINEAR.LR = 30.0
+    _C.LINEAR.EPOCHS = 100
+    _C.LINEAR.STEPS = (60, 80)
+    _C.LINEAR.WEIGHT_DECAY = 0.0
+    _C.LINEAR.MOMENTUM = 0.9
+    _C.LINEAR.IMS_PER_BATCH = 256
+    _C.LINEAR.MAX_ITER = 0
+    return _C
+
+
+def member_archs(cfg: CN) -> list[str]:
+    """Resolve MODEL.ARCHS / MODEL.COHORT / MODEL.ARCH into one arch name per member.
+
+    ARCHS may be a YAML list or one comma-separated string (``MODEL.ARCHS resnet18,resnet50``).
+    """
+    archs = cfg.MODEL.ARCHS
+    if isinstance(archs, str):
+        archs = [a for a in archs.split(",") if a.strip()]
+    flat: list[str] = []
+    for a in archs:
+        flat.extend(x.strip() for x in str(a).split(",") if x.strip())
+    return flat if flat else [cfg.MODEL.ARCH] * int(cfg.MODEL.COHORT)
+
+
+def normalize_opts(opts: list[str]) -> list[str]:
+    """Let ``MODEL.ARCHS resnet18,resnet50`` be written without Python list syntax."""
+    out = list(opts)
+    for i in range(0, len(out) - 1, 2):
+        if out[i] == "MODEL.ARCHS" and not out[i + 1].lstrip().startswith(("[", "(")):
+            names = [a.strip() for a in out[i + 1].split(",") if a.strip()]
+            out[i + 1] = repr(names)
+    return out
+
+
+def setup_pretrain_cfg(
+    config_file: str | None,
+    opts: list[str] | None = None,
+    cohort: int | None = None,
+    amp: str | None = None,
+) -> CN:
+    """Defaults <- config file <- KEY VALUE opts <- --cohort/--amp; unknown keys are an error."""
+    from ..config import merge_cfg
+    from ..utils.errors import MCLDetError
+
+    cfg = get_pretrain_cfg()
+    merge_cfg(cfg, config_file, normalize_opts(list(opts or [])))
+    if cohort is not None:
+        if cohort < 1:
+            raise MCLDetError(f"--cohort must be >= 1, got {cohort}")
+        given = member_archs(cfg) if cfg.MODEL.ARCHS else []
+        if given and len(given) != cohort:
+            raise MCLDetError(
+                f"--cohort {cohort} disagrees with MODEL.ARCHS {given}; drop one of the two"
+            )
+        cfg.MODEL.COHORT = cohort
+    if amp is not None:
+        cfg.SOLVER.AMP = amp
+    cfg.freeze()
+    return cfg

@@ -1,0 +1,140 @@
+"""Distributed helpers that work unchanged in one process.
+
+With no process group every helper degrades to its single-process meaning: rank 0 of 1, a gather
+returns its input, the batch shuffle is a permutation of the local batch. Launch: ``torchrun``
+(env://) or ``launch(fn, n)`` which spawns n local processes (what ``--num-gpus`` does).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import Tensor
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+@torch.no_grad()
+def concat_all_gather(x: Tensor) -> Tensor:
+    """Concatenate x (BxC..., same shape on every rank) over ranks in rank order; no gradient."""
+    if not is_dist() or get_world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def all_reduce_mean(x: Tensor) -> Tensor:
+    """Mean of x over ranks (a new tensor; x itself is untouched)."""
+    if not is_dist() or get_world_size() == 1:
+        return x
+    y = x.detach().clone()
+    dist.all_reduce(y)
+    return y / get_world_size()
+
+
+@torch.no_grad()
+def batch_shuffle(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Shuffle-BN, step 1: a random permutation of the GLOBAL batch; returns this rank's slice.
+
+    Several ranks: the key images of all ranks are gathered, permuted with a permutation drawn
+    on rank 0 and broadcast, and each rank gets B of them, so a key is normalised with BN
+    statistics of other images than its query (MoCo's defence against BN "cheating").
+    One process: the permutation only reorders the local batch, which alone changes nothing for
+    BN; it is combined with MODEL.SHUFFLE_BN_SPLITS > 1 (the batch is cut into BN groups after the
+    shuffle) to get the same effect. The permutation comes from the global CPU RNG (checkpointed).
+    Returns (local shuffled batch, index that undoes it).
+    """
+    b = x.shape[0]
+    x_all = concat_all_gather(x)  # (world*B)x...
+    perm = torch.randperm(x_all.shape[0]).to(x.device)
+    if is_dist() and get_world_size() > 1:
+        dist.broadcast(perm, src=0)
+    restore = torch.argsort(perm)
+    r = get_rank()
+    return x_all[perm[r * b : (r + 1) * b]], restore
+
+
+@torch.no_grad()
+def batch_unshuffle(y: Tensor, restore: Tensor) -> Tensor:
+    """Shuffle-BN, step 2: gather the outputs, undo the permutation, keep this rank's rows."""
+    b = y.shape[0]
+    y_all = concat_all_gather(y)
+    r = get_rank()
+    return y_all[restore[r * b : (r + 1) * b]]
+
+
+def init_distributed(device_type: str) -> tuple[int, int, int]:
+    """Join the env:// process group when launched by torchrun/launch. Returns (rank, world, local).
+
+    Backend: nccl for CUDA, gloo for CPU. Without RANK/WORLD_SIZE in the environment: one process.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or is_dist():
+        return get_rank(), get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cuda":
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend=backend, init_method="env://")
+    return dist.get_rank(), dist.get_world_size(), local
+
+
+def cleanup_distributed() -> None:
+    if is_dist():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(local_rank: int, fn: Callable[..., Any], world: int, port: int, args: tuple) -> None:
+    os.environ.update(
+        RANK=str(local_rank),
+        LOCAL_RANK=str(local_rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    fn(*args)
+
+
+def launch(fn: Callable[..., Any], num_procs: int, args: tuple = ()) -> None:
+    """Run fn(*args) in num_procs local processes (one machine); fn calls init_distributed.
+
+    For several machines use torchrun, which sets the same environment variables.
+    """
+    if num_procs <= 1:
+        fn(*args)
+        return
+    mp.start_processes(
+        _worker, args=(fn, num_procs, _free_port(), args), nprocs=num_procs, start_method="spawn"
+    )
