@@ -1,0 +1,384 @@
+"""MCL loss terms vs a direct, loop-by-loop transcription of the formulas (float64, explicit
+log-sum-exp). The references below deliberately share no code with mcl_det.pretrain.losses."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mcl_det.pretrain import losses as L
+
+TOL = dict(rtol=1e-9, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------------
+# loop-based references (python floats, float64)
+# ------------------------------------------------------------------------------------------------
+
+
+def ref_dot(u, v) -> float:
+    return sum(float(u[c]) * float(v[c]) for c in range(len(u)))
+
+
+def ref_logsumexp(row) -> float:
+    mx = max(row)
+    return mx + math.log(sum(math.exp(x - mx) for x in row))
+
+
+def ref_log_softmax(row, t: float = 1.0) -> list[float]:
+    scaled = [x / t for x in row]
+    lse = ref_logsumexp(scaled)
+    return [x - lse for x in scaled]
+
+
+def ref_pair_logits(q, k, queue, tau) -> list[list[float]]:
+    """s_i = [q_i . k_i, q_i . queue_0, ..., q_i . queue_{K-1}] / tau"""
+    rows = []
+    for i in range(q.shape[0]):
+        row = [ref_dot(q[i], k[i]) / tau]
+        row += [ref_dot(q[i], queue[j]) / tau for j in range(queue.shape[0])]
+        rows.append(row)
+    return rows
+
+
+def ref_ce0(rows) -> float:
+    """mean_i -log softmax(s_i)_0"""
+    return sum(ref_logsumexp(r) - r[0] for r in rows) / len(rows)
+
+
+def ref_kl(student_rows, teacher_rows, t) -> float:
+    """T^2 * mean_i sum_j p_ij (log p_ij - log q_ij), p = softmax(teacher/T), q = softmax(student/T)"""
+    total = 0.0
+    for s_row, t_row in zip(student_rows, teacher_rows, strict=True):
+        log_q = ref_log_softmax(s_row, t)
+        log_p = ref_log_softmax(t_row, t)
+        total += sum(math.exp(lp) * (lp - lq) for lp, lq in zip(log_p, log_q, strict=True))
+    return t * t * total / len(student_rows)
+
+
+def ref_mcl_terms(grid, t) -> dict[str, float]:
+    m = len(grid)
+    out = {"vcl": 0.0, "icl": 0.0, "soft_vcl": 0.0, "soft_icl": 0.0}
+    for a in range(m):
+        out["vcl"] += ref_ce0(grid[a][a])
+        for b in range(m):
+            if a == b:
+                continue
+            out["icl"] += ref_ce0(grid[a][b])
+            out["soft_vcl"] += ref_kl(grid[a][a], grid[b][b], t)
+            out["soft_icl"] += ref_kl(grid[a][b], grid[b][a], t)
+    return out
+
+
+def ref_supcon_terms(zs, labels, tau, t) -> dict[str, float]:
+    """Direct transcription of the supcon_terms docstring."""
+    m, n = len(zs), zs[0].shape[0]
+    lab = [int(x) for x in labels]
+
+    def rows(a, b):  # list over anchors i of (row logits, positive flags)
+        out = []
+        for i in range(n):
+            cols = [j for j in range(n) if not (a == b and j == i)]
+            row = [ref_dot(zs[a][i], zs[b][j]) / tau for j in cols]
+            pos = [lab[j] == lab[i] for j in cols]
+            out.append((row, pos))
+        return out
+
+    def supcon(a, b):
+        total, count = 0.0, 0
+        for row, pos in rows(a, b):
+            n_pos = sum(pos)
+            if n_pos == 0:
+                continue
+            lse = ref_logsumexp(row)
+            total += -sum(row[j] - lse for j in range(len(row)) if pos[j]) / n_pos
+            count += 1
+        return total / count
+
+    def logit_rows(a, b):
+        return [r for r, _ in rows(a, b)]
+
+    out = {"vcl": 0.0, "icl": 0.0, "soft_vcl": 0.0, "soft_icl": 0.0}
+    for a in range(m):
+        out["vcl"] += supcon(a, a)
+        for b in range(m):
+            if a == b:
+                continue
+            out["icl"] += supcon(a, b)
+            out["soft_vcl"] += ref_kl(logit_rows(a, a), logit_rows(b, b), t)
+            out["soft_icl"] += ref_kl(logit_rows(a, b), logit_rows(b, a), t)
+    return out
+
+
+def unit(*shape, dtype=torch.float64, gen=None) -> torch.Tensor:
+    return F.normalize(torch.randn(*shape, dtype=dtype, generator=gen), dim=-1)
+
+
+def cohort(m, n, c, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qs = [unit(n, c, gen=g).requires_grad_() for _ in range(m)]
+    ks = [unit(n, c, gen=g) for _ in range(m)]
+    queues = [unit(k, c, gen=g) for _ in range(m)]
+    return qs, ks, queues
+
+
+# ------------------------------------------------------------------------------------------------
+# self-supervised
+# ------------------------------------------------------------------------------------------------
+
+
+def test_pair_logits_matches_loop():
+    qs, ks, queues = cohort(1, 5, 8, 7)
+    got = L.pair_logits(qs[0], ks[0], queues[0], tau=0.2)
+    assert got.shape == (5, 8)
+    want = torch.tensor(ref_pair_logits(qs[0].detach(), ks[0], queues[0], 0.2), dtype=torch.float64)
+    torch.testing.assert_close(got.detach(), want, **TOL)
+
+
+def test_cohort_logits_every_pair_and_no_cross():
+    qs, ks, queues = cohort(3, 4, 6, 5)
+    grid = L.cohort_logits(qs, ks, queues, tau=0.1)
+    for a in range(3):
+        for b in range(3):
+            want = torch.tensor(
+                ref_pair_logits(qs[a].detach(), ks[b], queues[b], 0.1), dtype=torch.float64
+            )
+            torch.testing.assert_close(grid[a][b].detach(), want, **TOL)
+    diag_only = L.cohort_logits(qs, ks, queues, tau=0.1, cross=False)
+    assert all(diag_only[a][b] is None for a in range(3) for b in range(3) if a != b)
+    for a in range(3):
+        torch.testing.assert_close(diag_only[a][a], grid[a][a])
+
+
+@pytest.mark.parametrize("m,k", [(2, 7), (3, 12), (3, 1)])
+def test_mcl_loss_terms_match_loop(m, k):
+    qs, ks, queues = cohort(m, 4, 6, k, seed=m * 100 + k)
+    grid = L.cohort_logits(qs, ks, queues, tau=0.2)
+    got = L.mcl_loss_terms(grid, T=3.0)
+    ref_grid = [[g.detach().tolist() for g in row] for row in grid]
+    want = ref_mcl_terms(ref_grid, 3.0)
+    assert set(got) == set(L.TERMS)
+    for name in L.TERMS:
+        assert got[name].dim() == 0
+        assert got[name].item() == pytest.approx(want[name], rel=1e-9, abs=1e-10), name
+    # the KL terms are non-trivial here (random members disagree)
+    assert want["soft_vcl"] > 1e-3 and want["soft_icl"] > 1e-3
+
+
+def test_mcl_loss_terms_other_temperature():
+    qs, ks, queues = cohort(2, 3, 5, 9, seed=7)
+    grid = L.cohort_logits(qs, ks, queues, tau=0.5)
+    got = L.mcl_loss_terms(grid, T=1.5)
+    want = ref_mcl_terms([[g.detach().tolist() for g in row] for row in grid], 1.5)
+    for name in ("soft_vcl", "soft_icl"):
+        assert got[name].item() == pytest.approx(want[name], rel=1e-9), name
+
+
+def test_soft_kl_matches_loop_and_is_zero_for_identical():
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(6, 9, dtype=torch.float64, generator=g)
+    t = torch.randn(6, 9, dtype=torch.float64, generator=g)
+    got = L.soft_kl(s, t, T=3.0)
+    assert got.item() == pytest.approx(ref_kl(s.tolist(), t.tolist(), 3.0), rel=1e-9)
+    assert got.item() > 0
+    assert L.soft_kl(s, s.clone(), T=3.0).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_soft_kl_gradient_reaches_student_not_teacher():
+    g = torch.Generator().manual_seed(2)
+    s = torch.randn(4, 5, generator=g, requires_grad=True)
+    t = torch.randn(4, 5, generator=g, requires_grad=True)
+    L.soft_kl(s, t, T=3.0).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    assert t.grad is None
+
+
+def test_soft_terms_detach_teacher_side():
+    """soft_icl for M=2: the (1->0) logits are the teacher of (0->1) and vice versa. Feed grid
+    entries as separate leaves so we can check that each KL sends gradient to its student only."""
+    g = torch.Generator().manual_seed(3)
+    grid = [
+        [torch.randn(3, 6, generator=g, requires_grad=True) for _ in range(2)] for _ in range(2)
+    ]
+    terms = L.mcl_loss_terms(grid, T=3.0, needed={"soft_icl"})
+    # d soft_icl / d s(0->1): only the term where s(0->1) is the student
+    (grad01,) = torch.autograd.grad(terms["soft_icl"], [grid[0][1]])
+    (want01,) = torch.autograd.grad(L.soft_kl(grid[0][1], grid[1][0], 3.0), [grid[0][1]])
+    torch.testing.assert_close(grad01, want01)
+    terms = L.mcl_loss_terms(grid, T=3.0, needed={"soft_vcl"})
+    (grad00,) = torch.autograd.grad(terms["soft_vcl"], [grid[0][0]])
+    (want00,) = torch.autograd.grad(L.soft_kl(grid[0][0], grid[1][1], 3.0), [grid[0][0]])
+    torch.testing.assert_close(grad00, want00)
+
+
+def test_icl_sends_gradient_to_every_members_query():
+    qs, ks, queues = cohort(3, 4, 6, 5, seed=11)
+    grid = L.cohort_logits(qs, ks, queues, tau=0.2)
+    terms = L.mcl_loss_terms(grid, needed={"icl"})
+    assert set(terms) == {"icl"}
+    grads = torch.autograd.grad(terms["icl"], qs)
+    for g in grads:
+        assert g.abs().sum() > 0
+
+
+def test_zero_weight_term_is_skipped():
+    qs, ks, queues = cohort(2, 4, 6, 5, seed=12)
+    weights = {"vcl": 1.0, "icl": 0.0, "soft_vcl": 0.5, "soft_icl": 0.0}
+    needed = L.needed_terms(weights)
+    assert needed == {"vcl", "soft_vcl"}
+    assert not L.needs_cross(needed)
+    grid = L.cohort_logits(qs, ks, queues, tau=0.2, cross=L.needs_cross(needed))
+    assert grid[0][1] is None and grid[1][0] is None  # cross logits never computed
+    terms = L.mcl_loss_terms(grid, needed=needed)
+    assert set(terms) == {"vcl", "soft_vcl"}
+    loss = L.combine(terms, weights)
+    assert loss.item() == pytest.approx(terms["vcl"].item() + 0.5 * terms["soft_vcl"].item())
+    # a NaN in a 0-weight term must not propagate; a non-zero weight on a missing term is an error
+    terms_nan = dict(terms, icl=torch.tensor(float("nan")))
+    assert torch.isfinite(L.combine(terms_nan, weights))
+    with pytest.raises(KeyError):
+        L.combine(terms, {"icl": 1.0})
+    with pytest.raises(ValueError):
+        L.mcl_loss_terms(grid, needed={"icl"})  # cross logits missing
+    # the all-zero baseline: a zero scalar, only VCL computed when it alone is needed
+    zero = L.combine(terms, {k: 0.0 for k in L.TERMS})
+    assert zero.item() == 0.0
+
+
+def test_combine_weighted_sum_and_gradient():
+    qs, ks, queues = cohort(2, 4, 6, 5, seed=13)
+    terms = L.mcl_loss_terms(L.cohort_logits(qs, ks, queues, tau=0.2))
+    w = {"vcl": 1.0, "icl": 2.0, "soft_vcl": 0.25, "soft_icl": 3.0}
+    loss = L.combine(terms, w)
+    assert loss.item() == pytest.approx(sum(w[k] * terms[k].item() for k in L.TERMS), rel=1e-12)
+    loss.backward()
+    assert all(q.grad is not None and q.grad.abs().sum() > 0 for q in qs)
+
+
+def test_unknown_term_name_is_an_error():
+    with pytest.raises(ValueError):
+        L.needed_terms({"vlc": 1.0})
+    with pytest.raises(ValueError):
+        L.mcl_loss_terms([[torch.zeros(2, 3)]], needed={"kl"})
+
+
+# ------------------------------------------------------------------------------------------------
+# supervised: memory bank
+# ------------------------------------------------------------------------------------------------
+
+
+def test_bank_logits_per_anchor_and_shared_negatives():
+    g = torch.Generator().manual_seed(20)
+    m, n, c, nb, k = 3, 4, 5, 11, 6
+    zs = [unit(n, c, gen=g).requires_grad_() for _ in range(m)]
+    banks = [unit(nb, c, gen=g) for _ in range(m)]
+    pos_idx = torch.randint(0, nb, (n,), generator=g)
+    neg_idx = torch.randint(0, nb, (n, k), generator=g)
+    grid = L.bank_logits(zs, banks, pos_idx, neg_idx, tau=0.07)
+    for a in range(m):
+        for b in range(m):
+            want = [
+                [ref_dot(zs[a][i].detach(), banks[b][int(pos_idx[i])]) / 0.07]
+                + [
+                    ref_dot(zs[a][i].detach(), banks[b][int(neg_idx[i, j])]) / 0.07
+                    for j in range(k)
+                ]
+                for i in range(n)
+            ]
+            torch.testing.assert_close(
+                grid[a][b].detach(), torch.tensor(want, dtype=torch.float64), **TOL
+            )
+    # feeds mcl_loss_terms unchanged
+    got = L.mcl_loss_terms(grid, T=3.0)
+    want_terms = ref_mcl_terms([[x.detach().tolist() for x in row] for row in grid], 3.0)
+    for name in L.TERMS:
+        assert got[name].item() == pytest.approx(want_terms[name], rel=1e-9), name
+    # shared negatives (1-D neg_idx) == per-anchor negatives with every row equal
+    shared = torch.randint(0, nb, (k,), generator=g)
+    a_grid = L.bank_logits(zs, banks, pos_idx, shared, tau=0.07)
+    b_grid = L.bank_logits(zs, banks, pos_idx, shared.expand(n, k), tau=0.07)
+    for a in range(m):
+        for b in range(m):
+            torch.testing.assert_close(a_grid[a][b], b_grid[a][b], **TOL)
+    diag = L.bank_logits(zs, banks, pos_idx, neg_idx, tau=0.07, cross=False)
+    assert diag[0][1] is None and torch.equal(diag[2][2], grid[2][2])
+    # the bank is a buffer: gradient goes to the live embeddings only
+    grads = torch.autograd.grad(got["icl"], zs)
+    assert all(gr.abs().sum() > 0 for gr in grads)
+
+
+def test_bank_update_in_place_loop():
+    g = torch.Generator().manual_seed(21)
+    bank = unit(10, 4, gen=g)
+    before = bank.clone()
+    idx = torch.tensor([7, 2, 5])
+    z = unit(3, 4, gen=g).requires_grad_()
+    L.bank_update(bank, idx, z, momentum=0.3)
+    for row in range(10):
+        if row in idx.tolist():
+            i = idx.tolist().index(row)
+            mixed = [0.3 * float(before[row, c]) + 0.7 * float(z[i, c].detach()) for c in range(4)]
+            norm = math.sqrt(sum(x * x for x in mixed))
+            want = torch.tensor([x / norm for x in mixed], dtype=torch.float64)
+            torch.testing.assert_close(bank[row], want, **TOL)
+        else:
+            assert torch.equal(bank[row], before[row])
+    assert not bank.requires_grad
+
+
+# ------------------------------------------------------------------------------------------------
+# supervised: in-batch SupCon-style
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m", [2, 3])
+def test_supcon_terms_match_loop(m):
+    g = torch.Generator().manual_seed(30 + m)
+    n, c = 6, 5
+    zs = [unit(n, c, gen=g).requires_grad_() for _ in range(m)]
+    labels = torch.tensor([0, 1, 0, 2, 1, 3])  # class 2 and 3 appear once: no positive in S_mm
+    got = L.supcon_terms(zs, labels, tau=0.07, T=3.0)
+    want = ref_supcon_terms([z.detach() for z in zs], labels, 0.07, 3.0)
+    for name in L.TERMS:
+        assert got[name].item() == pytest.approx(want[name], rel=1e-9, abs=1e-10), name
+    grads = torch.autograd.grad(got["icl"] + got["soft_icl"], zs)
+    assert all(gr.abs().sum() > 0 for gr in grads)
+
+
+def test_supcon_terms_needed_subset():
+    g = torch.Generator().manual_seed(40)
+    zs = [unit(4, 3, gen=g) for _ in range(2)]
+    labels = torch.tensor([0, 0, 1, 1])
+    full = L.supcon_terms(zs, labels, tau=0.1)
+    part = L.supcon_terms(zs, labels, tau=0.1, needed={"vcl", "soft_vcl"})
+    assert set(part) == {"vcl", "soft_vcl"}
+    for name in part:
+        torch.testing.assert_close(part[name], full[name])
+
+
+def test_drop_diagonal():
+    x = torch.arange(16.0).view(4, 4)
+    want = torch.tensor([[x[i, j].item() for j in range(4) if j != i] for i in range(4)])
+    torch.testing.assert_close(L._drop_diagonal(x), want)
+
+
+def test_half_precision_logits_are_upcast():
+    g = torch.Generator().manual_seed(50)
+    grid = [[torch.randn(4, 300, generator=g) * 5 for _ in range(2)] for _ in range(2)]
+    ref = L.mcl_loss_terms(grid)
+    half = L.mcl_loss_terms([[x.bfloat16() for x in row] for row in grid])
+    for name in L.TERMS:
+        assert half[name].dtype == torch.float32
+        # only the bf16 rounding of the inputs remains (a bf16 softmax would be far worse)
+        assert half[name].item() == pytest.approx(ref[name].item(), rel=2e-2, abs=1e-2), name
+
+
+def test_supcon_without_any_positive_is_a_connected_zero():
+    z = [unit(3, 4, gen=torch.Generator().manual_seed(60)).requires_grad_() for _ in range(2)]
+    terms = L.supcon_terms(z, torch.tensor([0, 1, 2]), tau=0.1, needed={"vcl"})
+    assert terms["vcl"].item() == 0.0
+    terms["vcl"].backward()  # still part of the graph (DDP needs every parameter used)
+    assert z[0].grad is not None
