@@ -1,0 +1,350 @@
+"""Fine-tune and evaluate a detector: detectron2's ``DefaultTrainer`` plus what a study needs.
+
+What we add on top of detectron2's loop (and nothing inside it, so iterations cost the same):
+- config: detectron2 defaults + ``MCL_DET.*`` merged strictly (unknown key -> error), CPU chosen
+  automatically without CUDA, ``SOLVER.REFERENCE_WORLD_SIZE`` scaling applied *before* the config
+  is saved, so ``OUTPUT_DIR/config.yaml`` is what really ran;
+- models: SyncBN layers become plain BN when there is a single process (nothing to sync with);
+- data: user VOC / COCO datasets registered from the config, every path checked up front;
+- evaluation chosen from the dataset (VOC 2007 11-point with per-class AP50, or COCO);
+- ``OUTPUT_DIR/results.json`` (docs/DESIGN.md), written atomically at the end;
+- trials: N seeds of one config into ``OUTPUT_DIR/seed{K}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode
+from detectron2.engine import DefaultTrainer, default_argument_parser, launch
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+from torch import nn
+
+from ..config import merge_cfg, save_cfg
+from ..utils.errors import MCLDetError
+from ..utils.io import atomic_write_json, sha256_file
+from .config import config_digest, get_detection_cfg
+from .datasets import dataset_task, prepare_datasets
+from .evaluation import build_evaluator
+
+RESULTS_FORMAT = "mcl_det.detection_results/v1"
+logger = logging.getLogger("mcl_det.detection")
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def setup_cfg(
+    config_file: str | None,
+    opts: Sequence[str] | None = None,
+    world_size: int | None = None,
+    cpu: bool = False,
+) -> CfgNode:
+    """Resolved, frozen config: file + overrides, device, REFERENCE_WORLD_SIZE scaling.
+
+    ``SOLVER.IMS_PER_BATCH`` is the *total* batch. With ``SOLVER.REFERENCE_WORLD_SIZE`` = R > 0 and
+    W processes (W != R), detectron2's rule keeps the per-GPU batch: batch and LR x W/R, max_iter,
+    steps, warmup, eval and checkpoint periods x R/W. With 0 (the default) nothing is scaled.
+    """
+    cfg = merge_cfg(get_detection_cfg(), config_file, opts)
+    if (cpu or not torch.cuda.is_available()) and cfg.MODEL.DEVICE != "cpu":
+        cfg.MODEL.DEVICE = "cpu"
+    if cfg.SOLVER.AMP.ENABLED and cfg.MODEL.DEVICE == "cpu":
+        raise MCLDetError(
+            "SOLVER.AMP.ENABLED True needs a CUDA device (detectron2's AMPTrainer); "
+            "add SOLVER.AMP.ENABLED False to train on CPU"
+        )
+    ws = comm.get_world_size() if world_size is None else world_size
+    if (
+        cfg.SOLVER.REFERENCE_WORLD_SIZE
+        and cfg.SOLVER.IMS_PER_BATCH % cfg.SOLVER.REFERENCE_WORLD_SIZE
+    ):
+        raise MCLDetError(
+            f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} is not divisible by "
+            f"SOLVER.REFERENCE_WORLD_SIZE {cfg.SOLVER.REFERENCE_WORLD_SIZE}; fix one of them"
+        )
+    cfg = DefaultTrainer.auto_scale_workers(cfg, ws)
+    if cfg.SOLVER.IMS_PER_BATCH % ws:
+        raise MCLDetError(
+            f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} (the total batch) must be divisible "
+            f"by the number of processes {ws}"
+        )
+    cfg.freeze()
+    return cfg
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def syncbn_to_bn(module: nn.Module) -> nn.Module:
+    """Replace every ``nn.SyncBatchNorm`` by an equivalent ``nn.BatchNorm2d`` (state copied).
+
+    With one process SyncBN computes exactly BN's statistics. Verified with torch 2.14 on CPU:
+    ``nn.SyncBatchNorm`` already falls back to BN without a process group, but older torch
+    versions raise on CPU input and a 1-process group still pays for a no-op all_reduce; the swap
+    makes the fallback explicit and keeps checkpoints interchangeable (same parameter names).
+    """
+    if isinstance(module, nn.SyncBatchNorm):
+        bn = nn.BatchNorm2d(
+            module.num_features, module.eps, module.momentum, module.affine,
+            module.track_running_stats,
+        )  # fmt: skip
+        bn.load_state_dict(module.state_dict())
+        return bn.to(next(iter(module.state_dict().values())).device)
+    for name, child in module.named_children():
+        new = syncbn_to_bn(child)
+        if new is not child:
+            module.add_module(name, new)
+    return module
+
+
+class Trainer(DefaultTrainer):
+    """detectron2's DefaultTrainer (same loop, hooks, writers, checkpointer, AMP switch).
+
+    Only the builders differ: SyncBN fallback on one process and our evaluators.
+    """
+
+    @classmethod
+    def build_model(cls, cfg: CfgNode) -> nn.Module:
+        model = super().build_model(cfg)
+        if comm.get_world_size() == 1:
+            model = syncbn_to_bn(model)
+        return model
+
+    @classmethod
+    def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
+        out = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return build_evaluator(cfg, dataset_name, out)
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def check_weights(cfg: CfgNode) -> tuple[str, str | None]:
+    """(path, sha256) of MODEL.WEIGHTS; a missing local file is a user error.
+
+    Weights from ``tools/convert_to_d2.py`` come with a companion YAML of the settings they need;
+    a config that disagrees (pixel mean, STRIDE_IN_1X1, depth, ...) would silently ruin transfer,
+    so it is checked here.
+    """
+    w = cfg.MODEL.WEIGHTS
+    if not w:
+        return "", None
+    if "://" in w:
+        return w, None  # detectron2:// or http(s):// -- resolved by detectron2's checkpointer
+    if not os.path.isfile(w):
+        raise MCLDetError(
+            f"MODEL.WEIGHTS not found: {w}; run tools/convert_to_d2.py first or fix the path "
+            '(MODEL.WEIGHTS "" trains from random init)'
+        )
+    try:
+        from ..convert import check_weights_against_config
+    except ImportError:  # TODO(lead): mcl_det.convert is another helper's; drop once merged
+        logger.warning("mcl_det.convert not importable: %s not checked against the config", w)
+    else:
+        check_weights_against_config(cfg, w)  # no-op unless our companion YAML sits beside w
+    return os.path.abspath(w), sha256_file(w)
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def _clean_metrics(obj: Any) -> Any:
+    """JSON-safe copy: NaN (e.g. APs with no small objects) -> None, numpy -> float."""
+    if isinstance(obj, dict):
+        return {str(k): _clean_metrics(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean_metrics(v) for v in obj]
+    if isinstance(obj, int | float) or hasattr(obj, "item"):
+        v = float(obj)
+        return None if math.isnan(v) else v
+    return obj
+
+
+def build_results(
+    cfg: CfgNode,
+    metrics: dict,
+    *,
+    iteration: int,
+    weights: str,
+    weights_sha256: str | None,
+    wall_time_s: float,
+    run_name: str,
+) -> dict:
+    """The results.json dict of docs/DESIGN.md."""
+    tests = list(cfg.DATASETS.TEST)
+    # DefaultTrainer.test returns {dataset: {task: ...}} for several test sets, {task: ...} for one
+    per_ds = {tests[0]: metrics} if len(tests) == 1 else dict(metrics)
+    first = per_ds.get(tests[0], {}) if tests else {}
+    r = cfg.MODEL
+    res = {
+        "format": RESULTS_FORMAT,
+        "finished": True,
+        "run_name": run_name,
+        "task": dataset_task(tests[0]) if tests else dataset_task(cfg.DATASETS.TRAIN[0]),
+        "dataset_train": list(cfg.DATASETS.TRAIN),
+        "dataset_test": tests,
+        "detector": f"{r.META_ARCHITECTURE}/{r.ROI_HEADS.NAME}/{r.BACKBONE.NAME}/R{r.RESNETS.DEPTH}",
+        "mask_on": bool(r.MASK_ON),
+        "weights": weights,
+        "weights_sha256": weights_sha256,
+        "weights_tag": cfg.MCL_DET.WEIGHTS_TAG,
+        "seed": int(cfg.SEED),
+        "max_iter": int(cfg.SOLVER.MAX_ITER),
+        "iteration": int(iteration),
+        "world_size": comm.get_world_size(),
+        "ims_per_batch": int(cfg.SOLVER.IMS_PER_BATCH),
+        "min_size_train": [int(x) for x in cfg.INPUT.MIN_SIZE_TRAIN],
+        "min_size_test": int(cfg.INPUT.MIN_SIZE_TEST),
+        "wall_time_s": round(float(wall_time_s), 3),
+        "config_digest": config_digest(cfg),
+        "metrics": _clean_metrics(first),
+    }
+    if len(tests) > 1:
+        res["metrics_per_dataset"] = _clean_metrics(per_ds)
+    return res
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+def run_one(cfg: CfgNode, resume: bool = False, eval_only: bool = False) -> dict:
+    """Train (unless eval_only) and evaluate one config; write results.json; return it."""
+    t0 = time.perf_counter()
+    weights, sha = check_weights(cfg)
+    prepare_datasets(cfg)
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    if comm.is_main_process():
+        save_cfg(cfg, os.path.join(cfg.OUTPUT_DIR, "config.yaml"))
+    from detectron2.utils.env import seed_all_rng
+
+    seed_all_rng(cfg.SEED + comm.get_rank())
+    run_name = cfg.MCL_DET.RUN_NAME or os.path.basename(os.path.normpath(cfg.OUTPUT_DIR))
+    if eval_only:
+        model = Trainer.build_model(cfg)
+        ckpt = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=resume
+        )
+        iteration = int(ckpt.get("iteration", -1)) + 1 if isinstance(ckpt, dict) else 0
+        metrics = Trainer.test(cfg, model)
+    else:
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=resume)
+        if trainer.start_iter >= trainer.max_iter:
+            logger.info("checkpoint already at iteration %d: evaluating only", trainer.start_iter)
+            metrics = Trainer.test(cfg, trainer.model)
+            iteration = trainer.start_iter
+        else:
+            try:
+                trainer.train()
+            except FloatingPointError as e:  # detectron2's "Loss became infinite or NaN ..."
+                raise MCLDetError(
+                    f"training diverged in {cfg.OUTPUT_DIR}: {' '.join(str(e).split())}; lower "
+                    "SOLVER.BASE_LR / raise SOLVER.WARMUP_ITERS, or check the weights and "
+                    "MODEL.PIXEL_MEAN/STD (earlier checkpoints are kept; --resume continues)"
+                ) from None
+            metrics = getattr(trainer, "_last_eval_results", None) or {}
+            iteration = trainer.iter  # detectron2 leaves iter == max_iter after a full run
+    results = build_results(
+        cfg,
+        metrics or {},
+        iteration=iteration,
+        weights=weights,
+        weights_sha256=sha,
+        wall_time_s=time.perf_counter() - t0,
+        run_name=run_name,
+    )
+    if comm.is_main_process():
+        atomic_write_json(os.path.join(cfg.OUTPUT_DIR, "results.json"), results)
+        logger.info("results: %s", os.path.join(cfg.OUTPUT_DIR, "results.json"))
+    return results
+
+
+def trial_cfgs(cfg: CfgNode, trials: int = 0) -> list[CfgNode]:
+    """One config per trial: ``MCL_DET.SEEDS`` (or seeds 0..trials-1) into OUTPUT_DIR/seed{K}.
+
+    Without either, the single config itself; a negative SEED is replaced by a random seed shared
+    by all processes, so results.json always records the seed that ran.
+    """
+    seeds = list(cfg.MCL_DET.SEEDS) or list(range(trials))
+    if not seeds:
+        c = cfg.clone()
+        c.defrost()
+        if c.SEED < 0:
+            c.SEED = int(comm.shared_random_seed() % (2**31))
+        c.freeze()
+        return [c]
+    base_name = cfg.MCL_DET.RUN_NAME or os.path.basename(os.path.normpath(cfg.OUTPUT_DIR))
+    out = []
+    for s in seeds:
+        c = cfg.clone()
+        c.defrost()
+        c.SEED = int(s)
+        c.OUTPUT_DIR = os.path.join(cfg.OUTPUT_DIR, f"seed{int(s)}")
+        c.MCL_DET.RUN_NAME = f"{base_name}_seed{int(s)}"
+        c.freeze()
+        out.append(c)
+    return out
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """detectron2's parser (--config-file, --num-gpus, --resume, --eval-only, ...) + --trials."""
+    p = default_argument_parser(
+        epilog="Trailing KEY VALUE pairs override the config, e.g. SOLVER.MAX_ITER 200. "
+        "IMS_PER_BATCH is the total batch over all GPUs."
+    )
+    p.add_argument(
+        "--trials", type=int, default=0,
+        help="run N seeds (0..N-1) of this config into OUTPUT_DIR/seed{K} (or set MCL_DET.SEEDS)",
+    )  # fmt: skip
+    return p
+
+
+def worker(args: argparse.Namespace) -> list[dict]:
+    """Per-process body (called by detectron2's ``launch``): all trials, one after another."""
+    cfg = setup_cfg(args.config_file, args.opts, cpu=args.num_gpus == 0)
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    rank = comm.get_rank()
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank, name="fvcore")
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank, name="detectron2")
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank, name="mcl_det")
+    logger.info("command line: %s", vars(args))
+    return [run_one(c, args.resume, args.eval_only) for c in trial_cfgs(cfg, args.trials)]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``tools/train_net.py``: parse, validate the config once here, launch the workers."""
+    args = build_parser().parse_args(argv)
+    if args.trials < 0:
+        raise MCLDetError("--trials must be >= 0")
+    n_cuda = torch.cuda.device_count()
+    if args.num_gpus > 1 and n_cuda < args.num_gpus:
+        raise MCLDetError(
+            f"--num-gpus {args.num_gpus} but {n_cuda} CUDA device(s) visible; lower --num-gpus"
+        )
+    # Validate config + datasets before spawning anything: errors stay one line in the parent.
+    world = max(args.num_gpus, 1) * args.num_machines
+    cfg = setup_cfg(args.config_file, args.opts, world_size=world, cpu=args.num_gpus == 0)
+    prepare_datasets(cfg)
+    check_weights(cfg)
+    launch(
+        worker,
+        args.num_gpus if n_cuda else 1,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+    return 0
