@@ -3,7 +3,9 @@ log-sum-exp). The references below deliberately share no code with mcl_det.pretr
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,16 @@ import torch.nn.functional as F
 from mcl_det.pretrain import losses as L
 
 TOL = dict(rtol=1e-9, atol=1e-10)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: on a shared 2-core machine, torch's thread pool makes every op
+    wait for busy workers (a 3x6 log_softmax took 8 ms with 2 threads, 4 us with 1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -382,3 +394,155 @@ def test_supcon_without_any_positive_is_a_connected_zero():
     assert terms["vcl"].item() == 0.0
     terms["vcl"].backward()  # still part of the graph (DDP needs every parameter used)
     assert z[0].grad is not None
+
+
+# ------------------------------------------------------------------------------------------------
+# the batched implementation: every path against the loop references and per-pair autograd
+# ------------------------------------------------------------------------------------------------
+
+SUBSETS = [
+    {name for j, name in enumerate(L.TERMS) if mask >> j & 1}
+    for mask in range(1, 2 ** len(L.TERMS))
+]
+
+
+def per_pair_loss(grid, t, needed):
+    """The terms built pair by pair from torch ops (CE per pair, soft_kl per pair): a reference
+    for the gradients of the batched code."""
+    m = len(grid)
+    total = grid[0][0].new_zeros(())
+    for a in range(m):
+        target = torch.zeros(grid[a][a].shape[0], dtype=torch.long)
+        if "vcl" in needed:
+            total = total + F.cross_entropy(grid[a][a], target)
+        for b in range(m):
+            if a == b:
+                continue
+            if "icl" in needed:
+                total = total + F.cross_entropy(grid[a][b], target)
+            if "soft_vcl" in needed:
+                total = total + L.soft_kl(grid[a][a], grid[b][b], t)
+            if "soft_icl" in needed:
+                total = total + L.soft_kl(grid[a][b], grid[b][a], t)
+    return total
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_every_term_subset_matches_loop_and_per_pair_gradients(m):
+    qs, ks, queues = cohort(m, 3, 4, 5, seed=70 + m)
+    for needed in SUBSETS:
+        grid = L.cohort_logits(qs, ks, queues, tau=0.3, cross=L.needs_cross(needed))
+        terms = L.mcl_loss_terms(grid, T=2.0, needed=needed)
+        assert set(terms) == needed
+        want = (
+            ref_mcl_terms([[g.detach().tolist() for g in row] for row in grid], 2.0)
+            if (L.needs_cross(needed))
+            else None
+        )
+        for name in needed:
+            assert terms[name].dim() == 0
+            if want is not None:
+                assert terms[name].item() == pytest.approx(want[name], rel=1e-9, abs=1e-10), name
+        if m == 1 and "vcl" not in needed:  # no pairs: constant zeros, nothing to differentiate
+            assert all(v.item() == 0.0 for v in terms.values())
+            continue
+        got = torch.autograd.grad(sum(terms.values()), qs, allow_unused=True)
+        full = L.cohort_logits(qs, ks, queues, tau=0.3)
+        ref = torch.autograd.grad(per_pair_loss(full, 2.0, needed), qs, allow_unused=True)
+        for g_got, g_ref in zip(got, ref, strict=True):
+            torch.testing.assert_close(g_got, g_ref, rtol=1e-9, atol=1e-12)
+
+
+def test_diagonal_only_grid_matches_loop():
+    qs, ks, queues = cohort(3, 4, 5, 6, seed=80)
+    needed = {"vcl", "soft_vcl"}
+    grid = L.cohort_logits(qs, ks, queues, tau=0.2, cross=False)
+    got = L.mcl_loss_terms(grid, T=3.0, needed=needed)
+    full = [[g.detach().tolist() for g in row] for row in L.cohort_logits(qs, ks, queues, 0.2)]
+    want = ref_mcl_terms(full, 3.0)
+    for name in needed:
+        assert got[name].item() == pytest.approx(want[name], rel=1e-9), name
+
+
+@pytest.mark.parametrize("cross", [True, False])
+def test_queues_in_one_buffer_take_the_one_matmul_path(cross):
+    """The engine passes views of one MxKxC buffer: same logits, terms and gradients as
+    separate queue tensors (which take the per-queue fallback)."""
+    qs, ks, _ = cohort(3, 4, 6, 1, seed=90)
+    buffer = unit(3, 7, 6, gen=torch.Generator().manual_seed(91))
+    views = [buffer[i] for i in range(3)]
+    copies = [v.clone() for v in views]
+    assert L._one_buffer(views) is buffer
+    assert L._one_buffer(copies) is None
+    assert L._one_buffer(views[::-1]) is None  # queue i must be row i
+    grid_v = L.cohort_logits(qs, ks, views, tau=0.2, cross=cross)
+    grid_c = L.cohort_logits(qs, ks, copies, tau=0.2, cross=cross)
+    for a in range(3):
+        for b in range(3):
+            if grid_c[a][b] is None:
+                assert grid_v[a][b] is None
+                continue
+            want = ref_pair_logits(qs[a].detach(), ks[b], copies[b], 0.2)
+            got = grid_v[a][b].detach()
+            torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), **TOL)
+            torch.testing.assert_close(grid_v[a][b], grid_c[a][b], **TOL)
+    needed = set(L.TERMS) if cross else {"vcl", "soft_vcl"}
+    loss_v = sum(L.mcl_loss_terms(grid_v, needed=needed).values())
+    loss_c = sum(L.mcl_loss_terms(grid_c, needed=needed).values())
+    assert loss_v.item() == pytest.approx(loss_c.item(), rel=1e-12)
+    for gv, gc in zip(
+        torch.autograd.grad(loss_v, qs), torch.autograd.grad(loss_c, qs), strict=True
+    ):
+        torch.testing.assert_close(gv, gc, **TOL)
+
+
+def test_stacked_grid_and_plain_lists_agree_and_replaced_entries_count():
+    qs, ks, queues = cohort(2, 4, 5, 6, seed=100)
+    grid = L.cohort_logits(qs, ks, queues, tau=0.2)
+    plain = [list(row) for row in grid]  # the same tensors, without the stacked shortcut
+    a, b = L.mcl_loss_terms(grid), L.mcl_loss_terms(plain)
+    for name in L.TERMS:
+        assert a[name].item() == pytest.approx(b[name].item(), rel=1e-12), name
+    # an entry replaced after the fact: the shortcut must not use the stale stacked tensor
+    grid[0][1] = grid[0][1] * 2.0
+    got = L.mcl_loss_terms(grid)
+    want = ref_mcl_terms([[g.detach().tolist() for g in row] for row in grid], 3.0)
+    for name in L.TERMS:
+        assert got[name].item() == pytest.approx(want[name], rel=1e-9), name
+    assert got["icl"].item() != pytest.approx(a["icl"].item(), rel=1e-3)
+
+
+def test_kl_teachers_get_no_gradient_for_three_members():
+    """M = 3 uses the gather plus a roll round: each KL still sends gradient to its student
+    only. Grid entries are separate leaves so each one's gradient can be checked."""
+    g = torch.Generator().manual_seed(110)
+    grid = [
+        [torch.randn(3, 6, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(3)]
+        for _ in range(3)
+    ]
+    terms = L.mcl_loss_terms(grid, T=3.0, needed={"soft_vcl", "soft_icl"})
+    (g00,) = torch.autograd.grad(terms["soft_vcl"], [grid[0][0]], retain_graph=True)
+    want00 = sum(L.soft_kl(grid[0][0], grid[b][b], 3.0) for b in (1, 2))
+    torch.testing.assert_close(g00, torch.autograd.grad(want00, [grid[0][0]])[0], **TOL)
+    (g12,) = torch.autograd.grad(terms["soft_icl"], [grid[1][2]])
+    want12 = L.soft_kl(grid[1][2], grid[2][1], 3.0)
+    torch.testing.assert_close(g12, torch.autograd.grad(want12, [grid[1][2]])[0], **TOL)
+
+
+def test_bench_mcl_losses_runs_tiny_and_counts_fewer_ops(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_mcl_losses", Path(__file__).resolve().parents[1] / "benchmarks/bench_mcl_losses.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "b.json"
+    res = bench.main(
+        ["--device", "cpu", "--no-r18", "--queue", "64", "--rounds", "1", "--loss-reps", "1",
+         "--out", str(out)]
+    )  # fmt: skip
+    assert json.loads(out.read_text()) == res
+    assert res["ops"]["new"]["aten_ops"] < res["ops"]["old"]["aten_ops"] / 2
+    assert res["ops"]["new_vcl_only"]["aten_ops"] < res["ops"]["old_vcl_only"]["aten_ops"]
+    assert res["max_rel_diff_old_new"] < 1e-5  # the frozen old version gives the same terms

@@ -17,10 +17,19 @@ The four terms, for a cohort of M members and the "pair logits" s(a->b) (positiv
 The KL terms only make sense when column j of every member's logits refers to the same sample
 (queues enqueued in lockstep, the same sampled bank indices, the same batch); the callers
 guarantee this, these functions cannot check it.
+
+Why the code is batched: at M = 2, K = 65536, N = 32 a GPU spends the time of these terms
+launching small kernels, not computing. So the M x M grid is one (M*M)xNxL tensor (the entries
+the caller sees are views of it), and each step (log-softmax, CE, KL, the final sums) is one op
+for the whole cohort: about 40 aten ops for forward + backward instead of about 125 with one
+cat / CE / log-softmax / KL per pair (benchmarks/bench_mcl_losses.py counts them). On a CPU this
+is no faster (it is bandwidth-bound there), and glibc malloc makes the big buffers slower unless
+its mmap threshold is raised (see the benchmark).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -71,27 +80,87 @@ def cohort_logits(
     """logits[a][b] = s(a->b) = [q_a . k_b, q_a . Queue_b] / tau for every ordered pair (a, b).
 
     qs[m]: NxC, ks[m]: NxC, queues[m]: KxC. The diagonal a == b is member a's own (MoCo) logits.
-    The negatives of all members against Queue_b come from ONE (M*N)xC @ CxK matmul (the same
-    FLOPs as one matmul per pair, but each K x C queue is read once instead of M times, which is
-    what costs on a CPU at N=32). Nothing quadratic in K is built. With ``cross=False`` (no
-    cross-member term has a non-zero weight) only the diagonal is computed; the rest is ``None``.
+    With ``cross=False`` (no cross-member term has a non-zero weight) only the diagonal is
+    computed; the rest is ``None``.
+
+    Why it is built this way: on a GPU this step is launch-bound (M^2 small pairs), so every
+    entry of the grid is a view into ONE MxMxNx(1+K) tensor (MxNx(1+K) without ``cross``), made
+    by one matmul for all negatives, one product for all positives and one cat. The returned
+    list remembers that tensor, and ``mcl_loss_terms`` works on it directly, so the four terms
+    cost a handful of kernels for the whole cohort instead of a handful per pair. When the
+    queues are views of one MxKxC buffer (the engine's layout) all negatives are one
+    (M*N)xC @ Cx(M*K) matmul; separate queue tensors cost one matmul each plus a stack.
     """
     m = len(qs)
     if not (len(ks) == m and len(queues) == m):
         raise ValueError(f"cohort_logits: got {m} qs, {len(ks)} ks, {len(queues)} queues")
-    out: list[list[Tensor | None]] = [[None] * m for _ in range(m)]
-    if not cross:
-        for a in range(m):
-            out[a][a] = pair_logits(qs[a], ks[a], queues[a], tau)
-        return out
-    n = qs[0].shape[0]
-    q_all = torch.cat(list(qs), dim=0) / tau  # (M*N)xC, row a*N + i is q_a[i]
-    for b in range(m):
-        negs = (q_all @ queues[b].t()).split(n)  # M x NxK (split: its backward is one cat)
-        poss = (q_all.view(m, n, -1) * ks[b]).sum(dim=2, keepdim=True).unbind(0)  # M x Nx1
-        for a in range(m):
-            out[a][b] = torch.cat([poss[a], negs[a]], dim=1)  # Nx(1+K)
-    return out
+    n, c = qs[0].shape
+    n_neg = queues[0].shape[0]
+    q = torch.stack(list(qs)) / tau  # MxNxC, scaled once so the NxK blocks are not divided again
+    k = torch.stack(list(ks))  # MxNxC
+    buffer = _one_buffer(queues)  # MxKxC or None; holds detached keys, no grad
+    if cross:
+        pos = (q.unsqueeze(1) * k.unsqueeze(0)).sum(dim=3)  # MxMxN: [a, b, i] = q_a[i] . k_b[i]
+        q_rows = q.view(m * n, c)  # (M*N)xC, row a*N + i is q_a[i]
+        if buffer is not None:
+            neg = q_rows @ buffer.view(m * n_neg, c).t()  # (M*N)x(M*K)
+        else:
+            neg = torch.stack([q_rows @ queue.t() for queue in queues], dim=1)  # (M*N)xMxK
+        neg = neg.view(m, n, m, n_neg).permute(0, 2, 1, 3)  # MxMxNxK: [a, b, i, j], a view
+        cells = torch.cat([pos.unsqueeze(3), neg], dim=3)  # MxMxNx(1+K), contiguous
+        rows = [[cells[a, b] for b in range(m)] for a in range(m)]
+        return _CellGrid(rows, cells.view(m * m, n, 1 + n_neg))
+    pos = (q * k).sum(dim=2)  # MxN: [a, i] = q_a[i] . k_a[i]
+    if buffer is not None:
+        neg = torch.bmm(q, buffer.transpose(1, 2))  # MxNxK
+    else:
+        neg = torch.stack([q[a] @ queues[a].t() for a in range(m)])  # MxNxK
+    cells = torch.cat([pos.unsqueeze(2), neg], dim=2)  # MxNx(1+K)
+    rows = [[cells[a] if a == b else None for b in range(m)] for a in range(m)]
+    return _CellGrid(rows, cells)
+
+
+def _one_buffer(queues: Sequence[Tensor]) -> Tensor | None:
+    """The MxKxC tensor whose rows ``queues`` are (``buffer[i]`` views), or None.
+
+    Only an exact match counts (same base, contiguous, queue i at row i), so a caller that
+    passes separate tensors simply gets the per-queue fallback.
+    """
+    base = queues[0]._base
+    if base is None or base.dim() != 3 or base.shape[0] != len(queues) or not base.is_contiguous():
+        return None
+    row_bytes = base.stride(0) * base.element_size()
+    for i, queue in enumerate(queues):
+        if (
+            queue._base is not base
+            or queue.shape != base.shape[1:]
+            or queue.stride() != base.stride()[1:]
+            or queue.data_ptr() != base.data_ptr() + i * row_bytes
+        ):
+            return None
+    return base
+
+
+class _CellGrid(list):
+    """The public M x M list-of-lists grid, plus the one tensor all its entries are views of.
+
+    ``cells``: (M*M)xNxL, row-major pairs (row a*M + b is s(a->b)), or MxNxL (diagonal only).
+    ``stacked()`` hands it out only while every entry is still the view it was built with, so a
+    caller that replaces an entry gets a correct (stacked-again) result, never a stale one.
+    """
+
+    def __init__(self, rows: list[list[Tensor | None]], cells: Tensor) -> None:
+        super().__init__(rows)
+        self.cells = cells
+        self._entries = tuple(x for row in rows for x in row)
+
+    def stacked(self) -> Tensor | None:
+        now = tuple(x for row in self for x in row)
+        if len(now) != len(self._entries) or any(
+            a is not b for a, b in zip(now, self._entries, strict=True)
+        ):
+            return None
+        return self.cells
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,40 +193,106 @@ def _kl_from_log_probs(log_p_student: Tensor, log_p_teacher: Tensor, T: float) -
     return kl * (T * T)
 
 
-def _ce_pos0(logits: Tensor) -> Tensor:
-    """CE with the positive at column 0, mean over the batch. logits: NxL -> scalar."""
-    target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)  # N
-    return F.cross_entropy(_upcast(logits), target)
+def _kl_cells(log_p_student: Tensor, log_p_teacher: Tensor) -> Tensor:
+    """sum_i KL(p_teacher_i || p_student_i) per cell. The teacher must be a fresh, detached
+    tensor (a gather or roll of the detached log-probs): it is overwritten.
 
-
-def _soft_terms(
-    logits: Sequence[Sequence[Tensor | None]], T: float, needed: set[str]
-) -> dict[str, Tensor]:
-    """soft_vcl and soft_icl from any M x M grid of aligned logits (shared by both modes).
-
-    Each log-softmax is computed once and reused as student (with grad) and, detached, as teacher.
+    PxNxL log-probs -> P (a sum over the batch: callers scale by T^2 / N once, at the end).
+    Written as p_t * (log p_t - log p_s) elementwise, not as sum(p_t log p_t) - sum(p_t log p_s):
+    the difference form does not lose the (often small) KL to cancellation in fp32. In place on
+    the teacher: two PxNxL buffers fewer (on a CPU every fresh 32 MiB buffer is page faults).
     """
-    m = len(logits)
-    out: dict[str, Tensor] = {}
-    if "soft_vcl" in needed:
-        diag = [_log_soft(logits[a][a], T) for a in range(m)]  # M x NxL
-        out["soft_vcl"] = sum(
-            _kl_from_log_probs(diag[a], diag[b].detach(), T)
-            for a in range(m)
-            for b in range(m)
-            if a != b
-        )
-    if "soft_icl" in needed:
-        cross = {
-            (a, b): _log_soft(logits[a][b], T) for a in range(m) for b in range(m) if a != b
-        }  # NxL each
-        out["soft_icl"] = sum(
-            _kl_from_log_probs(cross[a, b], cross[b, a].detach(), T)
-            for a in range(m)
-            for b in range(m)
-            if a != b
-        )
-    return out
+    p_teacher = log_p_teacher.exp()  # PxNxL
+    return log_p_teacher.sub_(log_p_student).mul_(p_teacher).sum(dim=(1, 2))  # P
+
+
+def _soft_vcl_rounds(log_p_diag: Tensor, first: int) -> list[Tensor]:
+    """Round r = first..M-1: sum_i KL(s(a+r -> a+r) || s(a->a)) for every member a (unscaled).
+
+    log_p_diag: MxNxL log-probs at T of the diagonal cells -> one M vector per round. Round r
+    pairs every member with the member r places further on (a roll), so rounds 1..M-1 cover
+    every ordered pair a != b exactly once.
+    """
+    m = log_p_diag.shape[0]
+    teacher = log_p_diag.detach()
+    return [_kl_cells(log_p_diag, teacher.roll(-r, dims=0)) for r in range(first, m)]
+
+
+@functools.lru_cache(maxsize=64)
+def _round1_teacher_index(m: int, device: torch.device) -> Tensor:
+    """For the row-major (M*M) cells: the teacher cell of each student cell, for one gather.
+
+    Cell (a, b), a != b: (b, a) (soft ICL). Cell (a, a): (a+1, a+1) (round 1 of soft VCL). For
+    M = 2 this covers every KL pair of both terms. Cached: one tiny host->device copy per device.
+    """
+    idx = [((a + 1) % m) * (m + 1) if a == b else b * m + a for a in range(m) for b in range(m)]
+    with torch.inference_mode(False):
+        return torch.tensor(idx, dtype=torch.long, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _weight_matrix(
+    rows: tuple[tuple[float, ...], ...], device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """The constant weights of ``_weighted_sums``, made (and copied to the device) once."""
+    with torch.inference_mode(False):
+        return torch.tensor(rows, dtype=dtype, device=device)
+
+
+def _weighted_sums(pieces: list[tuple[Tensor, dict[str, list[float]]]]) -> dict[str, Tensor]:
+    """term = sum_j w_term[j] * v[j] over the concatenated per-cell vectors ``v``.
+
+    pieces: (vector, {term: one weight per entry}). Why a constant weight matrix: picking the
+    diagonal / off-diagonal cells with slices costs, per term, a slice, a sum and a scale, and
+    on a GPU two more kernels per slice in the backward; this is one cat, one mul and one sum
+    (and their backward) for all terms together. Exact: elementwise products, no matmul (TF32).
+    """
+    names = sorted({name for _, weights in pieces for name in weights})
+    v = torch.cat([vec for vec, _ in pieces]) if len(pieces) > 1 else pieces[0][0]  # J
+    rows = tuple(
+        tuple(w for vec, weights in pieces for w in weights.get(name, [0.0] * vec.shape[0]))
+        for name in names
+    )
+    w = _weight_matrix(rows, v.device, v.dtype)  # len(names) x J
+    return dict(zip(names, (v * w).sum(dim=1).unbind(0), strict=True))
+
+
+def _cell_terms(x: Tensor, m: int, T: float, needed: set[str], full: bool) -> dict[str, Tensor]:
+    """The needed terms from the stacked cells, each op run once for the whole cohort.
+
+    x: (M*M)xNxL row-major pairs (``full``) or MxNxL diagonal cells, already upcast.
+    CE of a cell = -mean_i log_softmax(s_i)_0; the KL terms use log_softmax(s/T), computed once
+    per cell and used both as student (with grad) and, detached, as teacher.
+    """
+    n = x.shape[1]
+    # the cells s(a->a): a strided view of a full grid (x itself otherwise: a no-op slice
+    # would still cost a zero-filled buffer in the backward)
+    diag_x = x[:: m + 1] if full else x
+    ce, kl = -1.0 / n, T * T / n  # the scale of every CE / KL cell sum
+    on_diag = [a == b for a in range(m) for b in range(m)]  # row-major cells of a full grid
+    pieces: list[tuple[Tensor, dict[str, list[float]]]] = []
+    if "vcl" in needed or "icl" in needed:
+        if "icl" in needed:  # every cell
+            weights = {"icl": [0.0 if d else ce for d in on_diag]}
+            if "vcl" in needed:
+                weights["vcl"] = [ce if d else 0.0 for d in on_diag]
+            pieces.append((F.log_softmax(x, dim=2)[:, :, 0].sum(dim=1), weights))  # M*M
+        else:  # the diagonal only
+            pieces.append((F.log_softmax(diag_x, dim=2)[:, :, 0].sum(dim=1), {"vcl": [ce] * m}))
+    if "soft_vcl" in needed or "soft_icl" in needed:
+        if "soft_icl" in needed:  # one gather pairs every cell with its teacher (M=2: all pairs)
+            log_p = F.log_softmax(x / T, dim=2)  # (M*M)xNxL
+            teacher = log_p.detach().index_select(0, _round1_teacher_index(m, x.device))
+            weights = {"soft_icl": [0.0 if d else kl for d in on_diag]}
+            if "soft_vcl" in needed:
+                weights["soft_vcl"] = [kl if d else 0.0 for d in on_diag]
+            pieces.append((_kl_cells(log_p, teacher), weights))  # M*M
+            log_p_diag, first = log_p[:: m + 1], 2
+        else:
+            log_p_diag, first = F.log_softmax(diag_x / T, dim=2), 1  # MxNxL
+        if "soft_vcl" in needed:  # the rounds the gather did not cover (all without soft_icl)
+            pieces += [(v, {"soft_vcl": [kl] * m}) for v in _soft_vcl_rounds(log_p_diag, first)]
+    return _weighted_sums(pieces)
 
 
 def _check_needed(needed: Iterable[str] | None) -> set[str]:
@@ -177,28 +312,46 @@ def mcl_loss_terms(
 ) -> dict[str, Tensor]:
     """The four MCL terms from the M x M grid of pair logits s(a->b) (positive at column 0).
 
-    logits[a][b]: NxL, any L (MoCo: 1+K; memory bank: 1+K). Returns scalars for the terms in
-    ``needed`` (default: all four); the others are neither computed nor returned, so an ablation
-    with weight 0 does not pay for them (and off-diagonal logits may then be ``None``).
+    logits[a][b]: NxL, the same L for every pair (MoCo and memory bank: 1+K); a grid from
+    ``cohort_logits`` is used as the one tensor it already is, any other is stacked (one copy).
+    Returns scalars for the terms in ``needed`` (default: all four); the others are neither
+    computed nor returned, so an ablation with weight 0 does not pay for them (and off-diagonal
+    logits may then be ``None``).
     CE is the batch mean; the sums over members/pairs are plain sums (not averaged over M).
     """
     needed = _check_needed(needed)
     m = len(logits)
     if m < 1 or any(len(row) != m for row in logits):
         raise ValueError("mcl_loss_terms: logits must be a square M x M grid")
-    if needs_cross(needed) and any(
-        logits[a][b] is None for a in range(m) for b in range(m) if a != b
-    ):
+    full = needs_cross(needed)
+    if full and any(logits[a][b] is None for a in range(m) for b in range(m) if a != b):
         raise ValueError("mcl_loss_terms: icl/soft_icl need the cross logits (cross=True)")
-    out: dict[str, Tensor] = {}
-    if "vcl" in needed:
-        out["vcl"] = sum(_ce_pos0(logits[a][a]) for a in range(m))
-    if "icl" in needed:
-        out["icl"] = sum(_ce_pos0(logits[a][b]) for a in range(m) for b in range(m) if a != b)
-    out.update(_soft_terms(logits, T, needed))
-    # M == 1 leaves the pair sums empty (python 0): make every returned term a tensor.
-    ref = logits[0][0]
-    return {k: v if torch.is_tensor(v) else ref.new_zeros(()) for k, v in out.items()}
+    if not needed:
+        return {}
+    x = _upcast(_stacked_cells(logits, full))
+    if m == 1:  # no pairs: every pair sum is empty, only VCL is a real term
+        out = {k: x.new_zeros(()) for k in needed - {"vcl"}}
+        if "vcl" in needed:
+            out.update(_cell_terms(x, 1, T, {"vcl"}, full=False))
+        return out
+    return _cell_terms(x, m, T, needed, full)
+
+
+def _stacked_cells(logits: Sequence[Sequence[Tensor | None]], full: bool) -> Tensor:
+    """(M*M)xNxL row-major pairs if ``full`` else the MxNxL diagonal, as one tensor.
+
+    A grid from ``cohort_logits`` already is one tensor (no copy); any other grid is stacked
+    (one copy; its backward only hands out views).
+    """
+    m = len(logits)
+    cells = logits.stacked() if isinstance(logits, _CellGrid) else None
+    if cells is not None:
+        if cells.shape[0] == m * m:  # a full grid
+            return cells if full else cells[:: m + 1]  # the diagonal is a view
+        return cells  # a diagonal-only grid (``full`` was ruled out by the caller)
+    if full:
+        return torch.stack([logits[a][b] for a in range(m) for b in range(m)])
+    return torch.stack([logits[a][a] for a in range(m)])
 
 
 def combine(terms: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:
@@ -210,7 +363,7 @@ def combine(terms: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor
             continue
         if name not in terms:
             raise KeyError(f"loss term {name!r} has weight {w} but was not computed")
-        part = terms[name] * w
+        part = terms[name] if w == 1 else terms[name] * w  # x * 1.0 == x: skip the kernel
         total = part if total is None else total + part
     if total is None:  # every weight 0: a zero that still has a device/dtype
         ref = next(iter(terms.values()), None)
@@ -356,6 +509,17 @@ def supcon_terms(
         out["icl"] = sum(
             _supcon_ce(logits[a][b], same) for a in range(m) for b in range(m) if a != b
         )
-    out.update(_soft_terms(logits, T, needed))
+    scale = T * T / n
+    if "soft_vcl" in needed and m > 1:
+        diag = torch.stack([logits[a][a] for a in range(m)])  # MxNx(N-1)
+        rounds = _soft_vcl_rounds(F.log_softmax(_upcast(diag) / T, dim=2), 1)
+        out["soft_vcl"] = torch.cat(rounds).sum() * scale
+    if "soft_icl" in needed and m > 1:
+        pairs = [(a, b) for a in range(m) for b in range(a + 1, m)]
+        off = torch.stack([logits[a][b] for a, b in pairs] + [logits[b][a] for a, b in pairs])
+        log_p = F.log_softmax(_upcast(off) / T, dim=2)  # M(M-1)xNxN
+        # the second half holds the transposed pairs of the first: a half-roll gives each teacher
+        teacher = log_p.detach().roll(len(pairs), dims=0)
+        out["soft_icl"] = _kl_cells(log_p, teacher).sum() * scale
     ref = zs[0]
     return {k: v if torch.is_tensor(v) else ref.new_zeros(()) for k, v in out.items()}

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 3 in one short run (lent H100/H200): loss-term cost old vs new, cohort vs
+# one network (step time, memory, MCL-term share), and R50x2 bf16 + channels_last throughput.
+# Usage: OUT=/some/dir bash benchmarks/gpu_check.sh   (JSON files land in $OUT)
+set -uo pipefail
+OUT=${OUT:-benchmarks/results/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+$PY benchmarks/bench_mcl_losses.py --device cuda --rounds 10 --loss-reps 10 --out "$OUT/mcl_losses.json"
+$PY benchmarks/bench_cohort_step.py --device cuda --arch resnet18 --batch 32 --size 224 --out "$OUT/cohort_r18_b32.json"
+$PY benchmarks/bench_cohort_step.py --device cuda --arch resnet50 --batch 64 --size 224 --out "$OUT/cohort_r50_b64.json"
+$PY benchmarks/gpu_pretrain.py --device cuda --arch resnet50 --cohort 2 --batch 128 --amp bf16 --out "$OUT/gpu_pretrain_r50x2_bf16_cl.json"
