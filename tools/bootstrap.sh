@@ -19,19 +19,28 @@ if [ ! -x "$PY" ]; then
 fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# pip, minus the "Location ... is ignored" lines that extra local indexes make on some machines.
+pipq() {
+  set +e
+  "$PY" -m pip "$@" 2>&1 | grep -v "it is neither a file nor a directory"
+  local rc=${PIPESTATUS[0]}
+  set -e
+  return "$rc"
+}
+
 # The stamp records what was installed; an unchanged stamp means nothing to do.
 stamp_in="$TORCH_PINS|$(cat setup.py tools/install_detectron2.py | sha256sum | cut -c1-16)"
 stamp_file=$VENV/.mcl_det_stamp
 if [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp_in" ]; then
   if ! "$PY" -c "import torch, torchvision" 2>/dev/null; then
     echo "[bootstrap] installing $TORCH_PINS"
-    "$PY" -m pip install -q $TORCH_PINS
+    pipq install -q $TORCH_PINS
   fi
   echo "[bootstrap] installing mcl_det (editable) and its dependencies"
   # Constrain torch so no dependency can pull another build.
   tv=$("$PY" -c "import torch, torchvision; print(f'torch=={torch.__version__}\ntorchvision=={torchvision.__version__}')")
   printf '%s\n' "$tv" > "$VENV/.torch_constraints.txt"
-  "$PY" -m pip install -q -c "$VENV/.torch_constraints.txt" -e ".[dev]"
+  pipq install -q -c "$VENV/.torch_constraints.txt" -e ".[dev]"
   "$PY" tools/install_detectron2.py
   echo "$stamp_in" > "$stamp_file"
 else
