@@ -50,7 +50,7 @@ def merge_cfg(
 def _clean(e: BaseException) -> str:
     msg = str(e.args[0]) if e.args else str(e)
     msg = " ".join(msg.split())
-    if "Non-existent config key" in msg:
+    if "Non-existent" in msg:
         msg += " (unknown key: check its spelling against the defaults)"
     return msg
 
