@@ -40,7 +40,7 @@ def _run(step: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
     t0 = time.time()
     r = subprocess.run(cmd, cwd=ROOT, env=env)
     if r.returncode != 0:
-        raise MCLDetError(f"demo step '{step}' failed (exit {r.returncode}); see its output above")
+        raise MCLDetError(f"step '{step}' failed (exit {r.returncode}); see its output above")
     print(f"--- {step}: {time.time() - t0:.0f} s", flush=True)
 
 

@@ -1,0 +1,312 @@
+"""The Fashion-MNIST MCL experiment (issue 7): real images, baseline vs MCL, several seeds, 2 CPUs.
+
+For every seed, four cohorts of 2 x ResNet-18 are pretrained on Fashion-MNIST training images
+(28x28 grey, read as 32 px RGB):
+
+    sup_mcl          supervised MCL: CE + 0.1 VCL + 0.1 ICL + Soft VCL + Soft ICL
+    sup_baseline     the same cohort, interaction weights 0 (CE only: independent members)
+    selfsup_mcl      self-supervised MCL on MoCo v2: VCL (InfoNCE) + ICL + Soft VCL + Soft ICL
+    selfsup_baseline the same cohort, interaction weights 0 (two independent MoCo v2 runs)
+
+Each member's top-1 (supervised) or kNN top-1 (self-supervised) on held-out t10k images comes from
+the pretraining log. Member 0 of every cohort is exported to detectron2 and fine-tuned as a Faster
+R-CNN R18-FPN on the Fashion-MNIST detection scenes (VOC format, 10 classes, 160-256 px canvases,
+items from the t10k half never seen in pretraining), with the same detection seed as its
+pretraining seed. ``tools/report.py`` then makes one table per mode (MCL vs its own baseline) and
+the combined ``OUT/report.md`` also lists the loss terms that were active in each run.
+
+Every stage runs the user-facing command in a subprocess (``mcl_det.demo._run``) and is skipped
+when its output exists, so an interrupted experiment resumes; an interrupted pretraining continues
+with ``--resume`` from its last checkpoint (written at every epoch end); an interrupted detection
+run starts again (it is about 3 minutes). Per-stage wall times go to ``OUT/timings.json``.
+
+Size, honestly: the whole 60k set does not fit the 90-minute budget on 2 CPU cores (12 cohorts of
+two networks). Pretraining uses the first ``per_class`` training images of every class
+(``--per-class``, default 1000 -> 10,000 images, a sixth of the set) for ``pretrain_epochs`` = 4
+epochs at batch 64 (624 iterations); kNN (k=50, 5,000-image memory) / top-1 use ``val_per_class``
+= 100 t10k images per class. ``--per-class 0`` uses all 60k images (6x the pretraining time). At
+this scale the networks are far from converged, so the table measures a short-schedule effect;
+whatever it says is reported as is. Detection: 150 iterations at batch 4 on 400 train scenes,
+VOC AP on 150 test scenes.
+
+Budget, measured by timing a few iterations of each stage at the default sizes (2 CPU cores that
+were shared with other jobs, load 1-3, so a quiet machine should be faster; commands in README):
+
+    stage (per run)            s/iter  x iters   + eval, checkpoints, start-up   = s per run
+    pretrain sup_mcl           0.237   x 624     + 10                            = 158
+    pretrain sup_baseline      0.168   x 624     + 10                            = 115
+    pretrain selfsup_mcl       0.30    x 624     + 20 (kNN 10 s)                 = 207
+    pretrain selfsup_baseline  0.30    x 624     + 20                            = 207
+    convert member 0           -                   5.5                           = 6
+    detection Faster R-CNN     1.0-1.13 x 150    + 15 (150 test scenes) + 5      = 170-190
+    data (ImageFolder export + 550 scenes), reports                              = 20 once
+
+    3 seeds: pretraining 3 x 687 s = 34 min; convert 12 x 6 s = 1 min; detection 12 x 190 s =
+    38 min; data and reports < 1 min  ->  about 74 min, under the 90-minute limit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..data.fashion_mnist import APT_HINT, DEFAULT_DIR, ensure_fashion_mnist
+from ..demo import ROOT, _run
+from ..utils.errors import MCLDetError
+from ..utils.io import atomic_write_json, atomic_write_text
+
+# run name -> (pretraining config, mode); the baseline of "<mode>_mcl" is "<mode>_baseline"
+RUNS: dict[str, tuple[str, str]] = {
+    "sup_mcl": ("pretrain/configs/fashion_sup_mcl.yaml", "supervised"),
+    "sup_baseline": ("pretrain/configs/fashion_sup_baseline.yaml", "supervised"),
+    "selfsup_mcl": ("pretrain/configs/fashion_selfsup_mcl.yaml", "selfsup"),
+    "selfsup_baseline": ("pretrain/configs/fashion_selfsup_baseline.yaml", "selfsup"),
+}
+DET_CONFIG = "detection_configs/fashion_voc_faster_rcnn_r18_fpn.yaml"
+MODES = (("supervised", "sup"), ("selfsup", "selfsup"))
+
+
+@dataclass
+class FashionSettings:
+    """Knobs of the experiment; the defaults fit 3 seeds in the 90-minute budget (docstring)."""
+
+    out: Path = ROOT / "output" / "fashion_experiment"
+    fashion_dir: Path | None = None  # None -> the Debian package path (installed when missing)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    per_class: int = 1000  # pretraining images per class (0 = all 6,000 per class)
+    val_per_class: int = 100  # t10k images per class for the kNN / top-1 monitor
+    pretrain_epochs: int = 4
+    pretrain_batch: int = 64
+    det_iters: int = 150
+    num_train_scenes: int = 400
+    num_test_scenes: int = 150
+    canvas_range: tuple[int, int] = (160, 256)
+    extra_pretrain: list[str] = field(default_factory=list)  # KEY VALUE for every pretraining
+    extra_det: list[str] = field(default_factory=list)  # KEY VALUE for every detection run
+
+
+def tiny_settings(out: Path, fashion_dir: Path | None = None) -> FashionSettings:
+    """The same pipeline at minimal size (1 seed, 2 images per class, 2-3 iterations per stage):
+    the test suite runs it; its numbers mean nothing."""
+    return FashionSettings(
+        out=out,
+        fashion_dir=fashion_dir,
+        seeds=(0,),
+        per_class=2,
+        val_per_class=1,
+        pretrain_epochs=1,
+        pretrain_batch=8,
+        det_iters=2,
+        num_train_scenes=4,
+        num_test_scenes=2,
+        canvas_range=(96, 128),
+        # KEY VALUE pairs: queue / bank / k sized to 20 images; no progress bars in test logs
+        extra_pretrain=(
+            "MODEL.QUEUE_SIZE 32 SUP.BANK_NEGATIVES 8 MONITOR.KNN_K 3 MONITOR.LOG_PERIOD 1 "
+            "MONITOR.PROGRESS False"
+        ).split(),
+        extra_det=(
+            "INPUT.MIN_SIZE_TRAIN (96,) INPUT.MAX_SIZE_TRAIN 128 INPUT.MIN_SIZE_TEST 96 "
+            "INPUT.MAX_SIZE_TEST 128 SOLVER.IMS_PER_BATCH 2"
+        ).split(),
+    )
+
+
+def resolve_fashion_dir(path: Path | None) -> Path:
+    """The idx directory; when the default one is missing, install the Debian package if we can
+    (root + apt-get), else raise the one-line error naming the path and the command."""
+    try:
+        return ensure_fashion_mnist(path)
+    except MCLDetError:
+        can_install = path is None and shutil.which("apt-get") and os.geteuid() == 0
+        if not can_install:
+            raise
+    print(f"Fashion-MNIST not in {DEFAULT_DIR}; installing it: {APT_HINT}", flush=True)
+    subprocess.run(["apt-get", "update"], check=False)
+    if subprocess.run(["apt-get", "install", "-y", "dataset-fashion-mnist"]).returncode != 0:
+        raise MCLDetError(
+            f"could not install dataset-fashion-mnist; run `{APT_HINT}` yourself or pass "
+            "--fashion-dir with the idx files"
+        )
+    return ensure_fashion_mnist(path)
+
+
+def active_terms(config_yaml: str, mode: str) -> str:
+    """``"CE 1, VCL 0.1, ..."``: the loss terms with a non-zero weight in a resolved config."""
+    from yacs.config import CfgNode
+
+    loss = CfgNode.load_cfg(config_yaml).LOSS
+    names = [("VCL", "W_VCL"), ("ICL", "W_ICL"), ("Soft VCL", "W_SOFT_VCL"), ("Soft ICL", "W_SOFT_ICL")]  # fmt: skip
+    if mode == "supervised":
+        names.insert(0, ("CE", "W_CE"))
+    on = [f"{n} {float(loss[k]):g}" for n, k in names if float(loss[k]) != 0.0]
+    return ", ".join(on) if on else "none"
+
+
+def _pretrain_cmd(s: FashionSettings, run: str, seed: int, out: Path, data: Path) -> list[str]:
+    cfg, _ = RUNS[run]
+    return (
+        [sys.executable, "pretrain/main.py", "--config-file", cfg]
+        + (["--resume"] if (out / "checkpoint_last.pth").exists() else [])
+        + ["DATA.ROOT", str(data), "OUTPUT_DIR", str(out), "SEED", str(seed)]
+        + ["SOLVER.EPOCHS", str(s.pretrain_epochs), "SOLVER.IMS_PER_BATCH", str(s.pretrain_batch)]
+        + s.extra_pretrain
+    )
+
+
+def _det_cmd(s: FashionSettings, run: str, seed: int, weights: Path, out: Path) -> list[str]:
+    voc = str(s.out / "data" / "scenes" / "voc")
+    datasets = repr([["fashion_scenes_voc_trainval", voc, "trainval"], ["fashion_scenes_voc_test", voc, "test"]])  # fmt: skip
+    steps = f"({max(1, int(0.8 * s.det_iters))},)"
+    return (
+        [sys.executable, "tools/train_net.py", "--config-file", DET_CONFIG]
+        + ["MODEL.WEIGHTS", str(weights), "MCL_DET.WEIGHTS_TAG", run, "SEED", str(seed)]
+        + ["MCL_DET.RUN_NAME", f"fashion_{run}_seed{seed}"]
+        + ["MCL_DET.DATASETS.VOC", datasets, "SOLVER.MAX_ITER", str(s.det_iters)]
+        + ["SOLVER.STEPS", steps, "SOLVER.WARMUP_ITERS", str(max(1, min(30, s.det_iters // 5)))]
+        + ["OUTPUT_DIR", str(out)]
+        + s.extra_det
+    )
+
+
+def prepare_data(s: FashionSettings) -> tuple[Path, Path]:
+    """ImageFolder subset for pretraining and the detection scenes (both resumable)."""
+    from ..data.fashion_mnist import export_imagefolder
+    from ..data.scenes import make_fashion_scenes
+
+    fm = resolve_fashion_dir(s.fashion_dir)
+    t0 = time.time()
+    per_class = s.per_class or None
+    print(f"\n=== data: ImageFolder ({s.per_class or 'all'} train / {s.val_per_class} val images per class) and scenes", flush=True)  # fmt: skip
+    folder = export_imagefolder(s.out / "data" / "imagefolder", fm, per_class, s.val_per_class)
+    scenes = make_fashion_scenes(
+        s.out / "data" / "scenes",
+        fm,
+        s.num_train_scenes,
+        s.num_test_scenes,
+        seed=0,
+        canvas_range=s.canvas_range,
+    )
+    print(f"--- data: {time.time() - t0:.0f} s", flush=True)
+    return folder, scenes
+
+
+def check_settings(s: FashionSettings) -> None:
+    """Record the sizes in ``OUT/settings.json``; resuming with other sizes would silently mix
+    runs of two protocols in one table, so it is an error (more seeds are fine: they add runs)."""
+    d = asdict(s)
+    now = {k: v for k, v in d.items() if k not in ("out", "fashion_dir", "seeds")}
+    now = json.loads(json.dumps(now))  # tuples -> lists, as read back from the file
+    path = s.out / "settings.json"
+    if path.is_file():
+        before = json.loads(path.read_text())
+        diff = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
+        if diff:
+            raise MCLDetError(
+                f"{s.out} holds an experiment with other settings ({', '.join(diff)}); use "
+                "another --out, or delete that folder to start over"
+            )
+    else:
+        s.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, now)
+
+
+def run_fashion_experiment(s: FashionSettings) -> Path:
+    """Run (or resume) every stage; returns the path of ``OUT/report.md``."""
+    t_start = time.time()
+    check_settings(s)
+    folder, _ = prepare_data(s)
+    timings_path = s.out / "timings.json"
+    timings: dict[str, float] = (
+        json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    )
+    n_stages, k = len(s.seeds) * len(RUNS) * 3, 0
+
+    def stage(name: str, cmd: list[str]) -> None:
+        nonlocal k
+        k += 1
+        t0 = time.time()
+        _run(f"[{k}/{n_stages}] {name}", cmd)
+        timings[name] = round(time.time() - t0, 1)
+        atomic_write_json(timings_path, timings)
+
+    for seed in s.seeds:
+        for run in RUNS:
+            pre = s.out / "pretrain" / run / f"seed{seed}"
+            if (pre / "DONE").exists():
+                k += 1
+            else:
+                stage(f"pretrain {run} seed {seed}", _pretrain_cmd(s, run, seed, pre, folder))
+                (pre / "DONE").touch()
+                # keep checkpoint_last.pth (converted next); the per-epoch ones (0.2-0.3 GB each)
+                # would fill gigabytes over 12 runs
+                for old in pre.glob("checkpoint_ep*.pth"):
+                    old.unlink()
+            w = s.out / "weights" / f"{run}_seed{seed}_member0.pkl"
+            if w.exists():
+                k += 1
+            else:
+                ckpt = str(pre / "checkpoint_last.pth")
+                cmd = [sys.executable, "tools/convert_to_d2.py", ckpt, str(w), "--member", "0"]
+                stage(f"convert {run} seed {seed}", cmd)
+            det = s.out / "detection" / run / f"seed{seed}"
+            if (det / "results.json").exists():
+                k += 1
+            else:
+                stage(f"detection {run} seed {seed}", _det_cmd(s, run, seed, w, det))
+
+    report = write_report(s)
+    print(report.read_text())
+    print(f"fashion experiment finished in {time.time() - t_start:.0f} s; report: {report}")
+    return report
+
+
+def write_report(s: FashionSettings) -> Path:
+    """One ``tools/report.py`` table per mode (MCL vs its own baseline) -> ``OUT/report.md``."""
+    parts = [
+        "# Fashion-MNIST MCL experiment (issue 7)\n",
+        f"Pretraining: 2 x ResNet-18 at 32 px on {s.per_class or 'all'} training images per class"
+        f" ({s.pretrain_epochs} epochs, batch {s.pretrain_batch}); member metrics on "
+        f"{s.val_per_class} t10k images per class. Detection: Faster R-CNN R18-FPN from member 0,"
+        f" {s.det_iters} iterations on {s.num_train_scenes} scenes, tested on "
+        f"{s.num_test_scenes}. Seeds: {', '.join(map(str, s.seeds))}.\n",
+    ]
+    terms = []
+    for run, (cfg_file, mode) in RUNS.items():
+        saved = s.out / "pretrain" / run / f"seed{s.seeds[0]}" / "config.yaml"
+        text = saved.read_text() if saved.is_file() else (ROOT / cfg_file).read_text()
+        terms.append(f"{run}: {active_terms(text, mode)}")
+    parts.append("Active loss terms (weight): " + "; ".join(terms) + ".\n")
+    for mode, prefix in MODES:
+        md = s.out / f"report_{mode}.md"
+        _run(
+            f"report {mode}",
+            [sys.executable, "tools/report.py"]
+            + [str(s.out / "detection" / f"{prefix}_{t}") for t in ("mcl", "baseline")]
+            + [str(s.out / "pretrain" / f"{prefix}_{t}") for t in ("mcl", "baseline")]
+            + ["--baseline", f"{prefix}_baseline", "--output", str(md)],
+        )
+        parts.append(f"## {mode}: {prefix}_mcl vs {prefix}_baseline\n\n{md.read_text()}")
+    report = s.out / "report.md"
+    atomic_write_text(report, "\n".join(parts))
+    return report
+
+
+__all__ = [
+    "DET_CONFIG",
+    "FashionSettings",
+    "RUNS",
+    "active_terms",
+    "check_settings",
+    "prepare_data",
+    "resolve_fashion_dir",
+    "run_fashion_experiment",
+    "tiny_settings",
+    "write_report",
+]

@@ -1,0 +1,172 @@
+"""The Fashion-MNIST experiment runner (issue 7): set-up errors, loss-term listing, and the whole
+pipeline at tiny size through the real CLIs on a synthetic idx directory (no Debian package)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mcl_det.data.fashion_mnist import write_idx
+from mcl_det.experiments import fashion
+from mcl_det.utils.errors import MCLDetError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _synthetic_fashion(d: Path, n_train: int = 40, n_test: int = 20) -> Path:
+    """idx files like Debian's: bright class-sized rectangles on black, labels 0..9 cycling."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        images = np.zeros((n, 28, 28), np.uint8)
+        for i, c in enumerate(labels):
+            hw = 6 + int(c)
+            y0, x0 = rng.integers(0, 28 - hw, size=2)
+            images[i, y0 : y0 + hw, x0 : x0 + hw] = rng.integers(120, 256)
+        write_idx(d / f"{split}-images-idx3-ubyte.gz", images)
+        write_idx(d / f"{split}-labels-idx1-ubyte.gz", labels)
+    return d
+
+
+def test_missing_data_names_path_and_command(tmp_path):
+    # an explicit path is never "installed": the error names it and the apt command
+    with pytest.raises(MCLDetError) as e:
+        fashion.resolve_fashion_dir(tmp_path / "nowhere")
+    msg = str(e.value)
+    assert str(tmp_path / "nowhere") in msg and "apt-get install -y dataset-fashion-mnist" in msg
+
+
+def test_cli_missing_data_is_one_line_error(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "benchmarks/fashion_mnist_experiment.py", "--tiny"]
+        + ["--out", str(tmp_path / "out"), "--fashion-dir", str(tmp_path / "nowhere")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2
+    assert (
+        r.stderr.strip().startswith("error: Fashion-MNIST not found")
+        and "Traceback" not in r.stderr
+    )
+
+
+def test_active_terms_read_from_the_shipped_configs():
+    def terms(run: str) -> str:
+        cfg, mode = fashion.RUNS[run]
+        return fashion.active_terms((ROOT / cfg).read_text(), mode)
+
+    assert terms("sup_mcl") == "CE 1, VCL 0.1, ICL 0.1, Soft VCL 1, Soft ICL 1"
+    assert terms("sup_baseline") == "CE 1"
+    assert terms("selfsup_mcl") == "VCL 1, ICL 1, Soft VCL 1, Soft ICL 1"
+    assert terms("selfsup_baseline") == "VCL 1"
+
+
+def test_mcl_and_baseline_configs_differ_only_in_interaction_weights():
+    # the comparison is fair only if the baseline is the same recipe with the MCL terms off
+    from mcl_det.pretrain.config import setup_pretrain_cfg
+
+    for mode in ("sup", "selfsup"):
+        mcl = setup_pretrain_cfg(str(ROOT / fashion.RUNS[f"{mode}_mcl"][0]))
+        base = setup_pretrain_cfg(str(ROOT / fashion.RUNS[f"{mode}_baseline"][0]))
+        a, b = mcl.clone(), base.clone()
+        for c in (a, b):
+            c.defrost()
+            c.OUTPUT_DIR = ""
+            for k in ("W_VCL", "W_ICL", "W_SOFT_VCL", "W_SOFT_ICL"):
+                c.LOSS[k] = 0.0
+        assert a == b
+        assert mcl.LOSS.W_ICL > 0 and base.LOSS.W_ICL == 0
+
+
+def test_default_path_missing_installs_the_debian_package_when_root(monkeypatch, tmp_path):
+    # the set-up: with no --fashion-dir, root and apt-get -> apt-get install, then look again
+    calls, found = [], tmp_path / "fm"
+
+    def ensure(path):
+        if not calls:
+            raise MCLDetError("Fashion-MNIST not found in /usr/share/datasets/fashion-mnist")
+        return found
+
+    monkeypatch.setattr(fashion, "ensure_fashion_mnist", ensure)
+    monkeypatch.setattr(fashion.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(fashion.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(
+        fashion.subprocess,
+        "run",
+        lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0),
+    )
+    assert fashion.resolve_fashion_dir(None) == found
+    assert ["apt-get", "install", "-y", "dataset-fashion-mnist"] in calls
+    # not root (or no apt-get): the original error, nothing run
+    calls.clear()
+    monkeypatch.setattr(fashion.os, "geteuid", lambda: 1000)
+    with pytest.raises(MCLDetError, match="not found"):
+        fashion.resolve_fashion_dir(None)
+    assert calls == []
+
+
+def test_interrupted_pretraining_resumes_and_settings_reach_the_commands(tmp_path):
+    s = fashion.FashionSettings(out=tmp_path, seeds=(3,), pretrain_epochs=5, det_iters=40)
+    pre = tmp_path / "pre"
+    cmd = fashion._pretrain_cmd(s, "selfsup_mcl", 3, pre, tmp_path / "data")
+    assert "--resume" not in cmd
+    assert cmd[cmd.index("SEED") + 1] == "3" and cmd[cmd.index("SOLVER.EPOCHS") + 1] == "5"
+    pre.mkdir()
+    (pre / "checkpoint_last.pth").write_bytes(b"")
+    assert "--resume" in fashion._pretrain_cmd(s, "selfsup_mcl", 3, pre, tmp_path / "data")
+    det = fashion._det_cmd(s, "sup_mcl", 3, tmp_path / "w.pkl", tmp_path / "det")
+    assert det[det.index("MCL_DET.WEIGHTS_TAG") + 1] == "sup_mcl"
+    assert det[det.index("SOLVER.MAX_ITER") + 1] == "40" and det[det.index("SEED") + 1] == "3"
+    assert det[det.index("SOLVER.STEPS") + 1] == "(32,)"
+    assert str(tmp_path / "data" / "scenes" / "voc") in det[det.index("MCL_DET.DATASETS.VOC") + 1]
+
+
+def test_resuming_with_other_sizes_is_an_error(tmp_path):
+    s = fashion.FashionSettings(out=tmp_path / "out", seeds=(0,))
+    fashion.check_settings(s)
+    fashion.check_settings(
+        fashion.FashionSettings(out=tmp_path / "out", seeds=(0, 1, 2))
+    )  # more seeds: fine
+    with pytest.raises(MCLDetError, match="per_class"):
+        fashion.check_settings(fashion.FashionSettings(out=tmp_path / "out", per_class=7))
+
+
+@pytest.mark.slow
+def test_tiny_experiment_end_to_end_and_resume(tmp_path):
+    fm = _synthetic_fashion(tmp_path / "fm")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "benchmarks/fashion_mnist_experiment.py", "--tiny"]
+    cmd += ["--out", str(out), "--fashion-dir", str(fm)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    assert report in r.stdout  # printed too
+    for run in fashion.RUNS:
+        res = json.loads((out / "detection" / run / "seed0" / "results.json").read_text())
+        assert res["finished"] and res["weights_tag"] == run and res["seed"] == 0
+        assert res["run_name"] == f"fashion_{run}_seed0" and res["max_iter"] == 2
+        assert run in report  # a row per run (MCL and baseline, both modes)
+        assert (out / "pretrain" / run / "seed0" / "DONE").exists()
+    assert "## supervised: sup_mcl vs sup_baseline" in report
+    assert "## selfsup: selfsup_mcl vs selfsup_baseline" in report
+    assert (
+        "sup_baseline: CE 1;" in report
+        and "selfsup_mcl: VCL 1, ICL 1, Soft VCL 1, Soft ICL 1" in report
+    )
+    # the member metrics of the pretraining logs reach the report
+    assert "knn_top1" in report and "top1" in report
+    # resumable: a second call skips every stage (no subprocess stage header but the reports)
+    r2 = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "pretrain/main.py" not in r2.stdout and "train_net.py" not in r2.stdout
+    assert "tools/report.py" in r2.stdout
+    # per-epoch checkpoints are removed once a run is done; the last one stays for conversion
+    for run in fashion.RUNS:
+        pre = out / "pretrain" / run / "seed0"
+        assert (pre / "checkpoint_last.pth").exists() and not list(pre.glob("checkpoint_ep*"))
