@@ -16,16 +16,6 @@ from mcl_det.pretrain import losses as L
 TOL = dict(rtol=1e-9, atol=1e-10)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: on a shared 2-core machine, torch's thread pool makes every op
-    wait for busy workers (a 3x6 log_softmax took 8 ms with 2 threads, 4 us with 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------------------------------------------
 # loop-based references (python floats, float64)
 # ------------------------------------------------------------------------------------------------

@@ -20,14 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TOY = str(ROOT / "pretrain" / "configs" / "toy.yaml")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("imagefolder")

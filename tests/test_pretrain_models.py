@@ -13,15 +13,6 @@ from mcl_det.pretrain.models import SelfSupCohort, SupervisedCohort, build_resne
 TAU, T = 0.2, 3.0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny convs: threads only add contention on a shared 2-core machine (10x slower measured)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _cohort(archs=("resnet18", "resnet18"), k=32, momentum=0.999, splits=1, seed=0):
     torch.manual_seed(seed)
     return SelfSupCohort(
