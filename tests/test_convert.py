@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ import pytest
 import torch
 import torchvision
 import yaml
+from clitools import run_tool
 from yacs.config import CfgNode
 
 from mcl_det import convert
@@ -444,16 +443,7 @@ def test_check_weights_without_yaml_is_unchecked(tmp_path):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    env.pop("MCL_DET_DEBUG", None)
-    return subprocess.run(
-        [sys.executable, str(TOOL), *map(str, args)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    return run_tool(TOOL, *args, PYTHONWARNINGS="ignore")
 
 
 def test_cli_list_and_best(tmp_path, cohort_path):

@@ -2,13 +2,11 @@
 unreadable images, and bad input through the CLI (one ``error:`` line, exit 2)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from clitools import run_tool
 
 from mcl_det.pretrain.checkpoint import FORMAT, load_checkpoint
 from mcl_det.pretrain.config import setup_pretrain_cfg
@@ -167,16 +165,7 @@ def test_unreadable_images_are_skipped_and_counted(data_root, tmp_path):
 
 
 def _cli(*args, cwd=ROOT):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("MCL_DET_DEBUG", None)
-    return subprocess.run(
-        [sys.executable, str(ROOT / "pretrain" / "main.py"), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    return run_tool(ROOT / "pretrain" / "main.py", *args, cwd=cwd, timeout=300, OMP_NUM_THREADS="1")
 
 
 def _assert_user_error(r, fragment):
