@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -88,7 +89,8 @@ def _cohort(
 def cohort_path(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("ckpt") / "checkpoint_last.pth"
     torch.save(_cohort(["resnet18", "resnet18"], metrics=[40.0, 55.5]), p)
-    return p
+    yield p
+    shutil.rmtree(p.parent)  # 0.17 GB: free the disk for the rest of the suite
 
 
 def _load_pkl(path: Path) -> dict:
@@ -394,7 +396,8 @@ def _cfg(**over) -> CfgNode:
 def r18_weights(tmp_path_factory, cohort_path) -> Path:
     out = tmp_path_factory.mktemp("w") / "member0.pkl"
     convert_checkpoint(cohort_path, out, member=0, verify=False)
-    return out
+    yield out
+    shutil.rmtree(out.parent)
 
 
 def test_check_weights_accepts_matching_config(r18_weights):

@@ -166,7 +166,11 @@ def test_tiny_experiment_end_to_end_and_resume(tmp_path):
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "pretrain/main.py" not in r2.stdout and "train_net.py" not in r2.stdout
     assert "tools/report.py" in r2.stdout
-    # per-epoch checkpoints are removed once a run is done; the last one stays for conversion
+    # checkpoints are deleted once converted / evaluated (no --keep-checkpoints); a resume
+    # does not mistake the missing checkpoint for an unfinished pretraining
     for run in fashion.RUNS:
         pre = out / "pretrain" / run / "seed0"
-        assert (pre / "checkpoint_last.pth").exists() and not list(pre.glob("checkpoint_ep*"))
+        assert not list(pre.glob("checkpoint*")) and (pre / "log.jsonl").is_file()
+        assert (out / "weights" / f"{run}_seed0_member0.pkl").is_file()
+        det = out / "detection" / run / "seed0"
+        assert not (det / "model_final.pth").exists() and (det / "metrics.json").is_file()

@@ -50,6 +50,7 @@ def test_two_process_gloo_queues_identical_and_aligned(tmp_path):
         "MODEL.QUEUE_SIZE", "32", "MODEL.DIM", "16", "SOLVER.IMS_PER_BATCH", "8",
         "SOLVER.MAX_ITER", "2", "MONITOR.EVAL_PERIOD", "0", "MONITOR.TENSORBOARD", "False",
         "MONITOR.PROGRESS", "False", "MODEL.SHUFFLE_BN_SPLITS", "1", "DATA.NUM_WORKERS", "0",
+        "MODEL.ARCH", "resnet18", "SOLVER.EPOCH_SNAPSHOT_PERIOD", "0",  # one 0.28 GB checkpoint
     ]  # fmt: skip
     cfg = setup_pretrain_cfg(None, opts, cohort=2)
     du.launch(_ddp_worker, 2, (cfg.dump(), str(tmp_path)))

@@ -49,7 +49,8 @@ def _losses(out):
 
 def test_selfsup_run_writes_design_checkpoint(data_root, tmp_path):
     out = tmp_path / "run"
-    cfg = setup_pretrain_cfg(TOY, _opts(data_root, out, **{"MONITOR.EVAL_PERIOD": "1"}), cohort=2)
+    extra = {"MONITOR.EVAL_PERIOD": "1", "SOLVER.EPOCH_SNAPSHOT_PERIOD": "3"}
+    cfg = setup_pretrain_cfg(TOY, _opts(data_root, out, **extra), cohort=2)
     summary = train(cfg)
     assert summary["iteration"] == 6
     ck = load_checkpoint(out / "checkpoint_last.pth")
@@ -64,7 +65,9 @@ def test_selfsup_run_writes_design_checkpoint(data_root, tmp_path):
     assert {"members.0.head.fc1.weight", "members.1.encoder_k.conv1.weight", "queues"} <= set(keys)
     mm = ck["member_metrics"]
     assert [m["name"] for m in mm] == ["knn_top1"] * 2 and all(0 <= m["value"] <= 100 for m in mm)
-    assert (out / "checkpoint_ep0001.pth").is_file() and (out / "config.yaml").is_file()
+    # snapshots every 3 epochs: none falls in 2 epochs, but the last epoch is always kept
+    assert (out / "checkpoint_ep0002.pth").is_file() and (out / "config.yaml").is_file()
+    assert not (out / "checkpoint_ep0001.pth").exists()
     assert "ARCHS:\n  - resnet18\n  - resnet18" in (out / "config.yaml").read_text()
     records = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["type"] == "eval"]

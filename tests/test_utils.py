@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from yacs.config import CfgNode
 
 from mcl_det.config import merge_cfg, save_cfg
@@ -67,10 +68,48 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
         def __reduce__(self):
             raise RuntimeError("boom")
 
-    with pytest.raises(RuntimeError):
+    with pytest.raises(MCLDetError, match="could not write .*ckpt.pth.*boom.*left intact"):
         atomic_torch_save({"a": Unpicklable()}, p)
     assert sha256_file(p) == before  # the earlier checkpoint is intact
     assert [x.name for x in tmp_path.iterdir()] == ["ckpt.pth"]  # no temp file left behind
+
+
+def test_atomic_write_full_disk_is_one_clear_error(tmp_path, monkeypatch):
+    """A full disk mid-write (ENOSPC after 1 MiB) -> MCLDetError naming the file and free space."""
+    import errno
+
+    import mcl_det.utils.io as io_mod
+
+    p = tmp_path / "ckpt.pth"
+    atomic_torch_save({"w": torch.zeros(10)}, p)
+    before = sha256_file(p)
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def write(self, b):
+            self.n += len(b)
+            if self.n > 2**20:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(b)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(io_mod.os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+    with pytest.raises(MCLDetError, match=r"usually a full disk.*; \d+ MiB free on that disk"):
+        atomic_torch_save({"w": torch.zeros(2**20)}, p)  # 4 MiB
+    monkeypatch.undo()
+    assert sha256_file(p) == before
+    assert [x.name for x in tmp_path.iterdir()] == ["ckpt.pth"]
 
 
 def test_atomic_json(tmp_path):

@@ -13,6 +13,13 @@ PY=$VENV/bin/python
 TORCH_PINS="torch==2.14.1 torchvision==0.29.1"
 start=$(date +%s)
 
+# Free space (MiB) on the filesystem holding $1 (or its nearest existing parent).
+free_mib() {
+  local d=$1
+  while [ ! -e "$d" ]; do d=$(dirname "$d"); done
+  df -Pm "$d" | awk 'NR==2 {print $4}'
+}
+
 if [ ! -x "$PY" ]; then
   echo "[bootstrap] creating virtual environment $VENV"
   python3 -m venv "$VENV"
@@ -33,6 +40,13 @@ stamp_in="$TORCH_PINS|$(cat setup.py tools/install_detectron2.py | sha256sum | c
 stamp_file=$VENV/.mcl_det_stamp
 if [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp_in" ]; then
   if ! "$PY" -c "import torch, torchvision" 2>/dev/null; then
+    need=7000  # torch 2.14.1 CUDA build + its nvidia libraries + triton: ~5.6 GB in the venv
+    have=$(free_mib "$VENV")
+    if [ "$have" -lt "$need" ]; then
+      echo "error: only $have MiB free for $VENV; torch's CUDA build needs about $need MiB:" \
+        "free disk space or point MCL_DET_VENV at a larger disk" >&2
+      exit 2
+    fi
     echo "[bootstrap] installing $TORCH_PINS"
     pipq install -q $TORCH_PINS
   fi
@@ -53,6 +67,16 @@ shift || true
 case "$job" in
   "") ;;
   demo) exec "$PY" tools/demo.py "$@" ;;
-  test) exec "$PY" -m pytest -q "$@" ;;
+  test)
+    # the suite writes real checkpoints under the temp dir: ~1 GB at its peak
+    tmp=${TMPDIR:-/tmp}
+    have=$(free_mib "$tmp")
+    echo "[bootstrap] $have MiB free in $tmp"
+    if [ "$have" -lt 1500 ]; then
+      echo "error: only $have MiB free in $tmp; the test suite needs about 1500 MiB for its" \
+        "checkpoints: free disk space or set TMPDIR to a larger disk" >&2
+      exit 2
+    fi
+    exec "$PY" -m pytest -q "$@" ;;
   *) echo "error: unknown job '$job' (use: demo, test)" >&2; exit 2 ;;
 esac

@@ -89,6 +89,10 @@ class FashionSettings:
     canvas_range: tuple[int, int] = (160, 256)
     extra_pretrain: list[str] = field(default_factory=list)  # KEY VALUE for every pretraining
     extra_det: list[str] = field(default_factory=list)  # KEY VALUE for every detection run
+    # False: a pretraining checkpoint (0.2-0.3 GB) is deleted once member 0 is converted, and a
+    # detection model_final.pth (0.1 GB) once its results.json is written; 12 runs would
+    # otherwise keep ~5 GB that the report never reads
+    keep_checkpoints: bool = False
 
 
 def tiny_settings(out: Path, fashion_dir: Path | None = None) -> FashionSettings:
@@ -239,27 +243,28 @@ def run_fashion_experiment(s: FashionSettings) -> Path:
     for seed in s.seeds:
         for run in RUNS:
             pre = s.out / "pretrain" / run / f"seed{seed}"
-            if (pre / "DONE").exists():
+            ckpt = pre / "checkpoint_last.pth"
+            w = s.out / "weights" / f"{run}_seed{seed}_member0.pkl"
+            if (pre / "DONE").exists() and (w.exists() or ckpt.exists()):
                 k += 1
             else:
                 stage(f"pretrain {run} seed {seed}", _pretrain_cmd(s, run, seed, pre, folder))
                 (pre / "DONE").touch()
-                # keep checkpoint_last.pth (converted next); the per-epoch ones (0.2-0.3 GB each)
-                # would fill gigabytes over 12 runs
-                for old in pre.glob("checkpoint_ep*.pth"):
-                    old.unlink()
-            w = s.out / "weights" / f"{run}_seed{seed}_member0.pkl"
             if w.exists():
                 k += 1
             else:
-                ckpt = str(pre / "checkpoint_last.pth")
-                cmd = [sys.executable, "tools/convert_to_d2.py", ckpt, str(w), "--member", "0"]
+                cmd = [sys.executable, "tools/convert_to_d2.py", str(ckpt), str(w), "--member", "0"]
                 stage(f"convert {run} seed {seed}", cmd)
+            if not s.keep_checkpoints:
+                ckpt.unlink(missing_ok=True)
             det = s.out / "detection" / run / f"seed{seed}"
             if (det / "results.json").exists():
                 k += 1
             else:
                 stage(f"detection {run} seed {seed}", _det_cmd(s, run, seed, w, det))
+            if not s.keep_checkpoints:
+                for name in ("model_final.pth", "last_checkpoint"):
+                    (det / name).unlink(missing_ok=True)
 
     report = write_report(s)
     print(report.read_text())

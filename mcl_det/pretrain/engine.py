@@ -488,7 +488,9 @@ class Trainer:
                         self.model.eval()
                         self.evaluate(ep)
                         self.model.train()
-                    self.save(f"checkpoint_ep{ep:04d}.pth")
+                    snap = cfg.SOLVER.EPOCH_SNAPSHOT_PERIOD
+                    if snap > 0 and (ep % snap == 0 or done):
+                        self.save(f"checkpoint_ep{ep:04d}.pth")
                     self.save(LAST)
                 elif done or (
                     cfg.SOLVER.CHECKPOINT_PERIOD > 0

@@ -5,9 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from .errors import MCLDetError
 
 
 def _atomic(path: str | os.PathLike, write) -> None:
@@ -20,9 +23,18 @@ def _atomic(path: str | os.PathLike, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, (OSError, RuntimeError)):
+            free = shutil.disk_usage(path.parent).free / 2**20
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if "unexpected pos" in first:  # torch.save swallows ENOSPC and reports this instead
+                first = f"a write came up short, usually a full disk ({first})"
+            raise MCLDetError(
+                f"could not write {path}: {first}; {free:.0f} MiB free on that disk; any earlier "
+                f"{path.name} is left intact: free disk space or choose another output folder"
+            ) from e
         raise
 
 
