@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +138,76 @@ def test_resuming_with_other_sizes_is_an_error(tmp_path):
         fashion.check_settings(fashion.FashionSettings(out=tmp_path / "out", per_class=7))
 
 
+def _fake_stages(monkeypatch, fail: str = "", slow: str = ""):
+    """Replace the stage commands by tiny Python one-liners that write each stage's output file
+    (the detection of ``fail`` exits 3 instead, and that of ``slow`` sleeps 30 s first)."""
+
+    def py(code: str) -> list[str]:
+        return [sys.executable, "-c", code]
+
+    def pretrain(s, run, seed, out, data):
+        code = f"import pathlib; p=pathlib.Path({str(out)!r}); p.mkdir(parents=True, exist_ok=True); (p/'checkpoint_last.pth').write_text('ck')"  # fmt: skip
+        return py(code)
+
+    def convert(ckpt, w):
+        return py(f"import pathlib; w=pathlib.Path({str(w)!r}); w.parent.mkdir(parents=True, exist_ok=True); w.write_text(open({str(ckpt)!r}).read())")  # fmt: skip
+
+    def det(s, run, seed, w, out):
+        if fail and fail == f"{run} {seed}":
+            return py("import sys; print('boom'); sys.exit(3)")
+        code = "import time; time.sleep(30); " if slow == f"{run} {seed}" else ""
+        code += f"import pathlib; p=pathlib.Path({str(out)!r}); p.mkdir(parents=True, exist_ok=True); (p/'results.json').write_text('{{}}'); (p/'model_final.pth').write_text('m')"  # fmt: skip
+        return py(code)
+
+    monkeypatch.setattr(fashion, "_pretrain_cmd", pretrain)
+    monkeypatch.setattr(fashion, "_convert_cmd", convert)
+    monkeypatch.setattr(fashion, "_det_cmd", det)
+    monkeypatch.setattr(fashion, "prepare_data", lambda s: (s.out / "data", s.out / "scenes"))
+
+    def report(s):
+        (s.out / "report.md").write_text("report")
+        return s.out / "report.md"
+
+    monkeypatch.setattr(fashion, "write_report", report)
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_every_chain_runs_once_and_consumed_checkpoints_go(tmp_path, monkeypatch, jobs):
+    _fake_stages(monkeypatch)
+    s = fashion.FashionSettings(out=tmp_path, seeds=(0, 1), jobs=jobs)
+    fashion.run_fashion_experiment(s)
+    timings = json.loads((tmp_path / "timings.json").read_text())
+    assert len(timings) == 2 * 4 * 3  # every stage of every (run, seed) ran exactly once
+    for seed in (0, 1):
+        for run in fashion.RUNS:
+            assert (tmp_path / "weights" / f"{run}_seed{seed}_member0.pkl").read_text() == "ck"
+            assert not (
+                tmp_path / "pretrain" / run / f"seed{seed}" / "checkpoint_last.pth"
+            ).exists()
+            det = tmp_path / "detection" / run / f"seed{seed}"
+            assert (det / "results.json").exists() and not (det / "model_final.pth").exists()
+    assert (tmp_path / "logs").is_dir() == (jobs > 1)
+    # a second call finds everything done: no stage runs (its fakes would rewrite the timings)
+    before = (tmp_path / "timings.json").read_text()
+    fashion.run_fashion_experiment(s)
+    assert (tmp_path / "timings.json").read_text() == before
+
+
+def test_a_failing_stage_stops_the_others_and_names_its_log(tmp_path, monkeypatch, capsys):
+    # the self-supervised chains start first, side by side: one fails while the other sleeps
+    _fake_stages(monkeypatch, fail="selfsup_baseline 0", slow="selfsup_mcl 0")
+    s = fashion.FashionSettings(out=tmp_path, seeds=(0,), jobs=2)
+    t0 = time.time()
+    with pytest.raises(MCLDetError, match=r"'detection selfsup_baseline seed 0' failed \(exit 3\).*detection_selfsup_baseline_seed_0.log"):  # fmt: skip
+        fashion.run_fashion_experiment(s)
+    assert time.time() - t0 < 25  # the 30 s detection running beside it was stopped
+    assert "boom" in capsys.readouterr().out  # the end of the failing stage's log is shown
+    pre = tmp_path / "pretrain"
+    assert (pre / "selfsup_mcl" / "seed0" / "DONE").exists()  # finished stages stay done
+    assert not (tmp_path / "detection" / "selfsup_mcl" / "seed0" / "results.json").exists()
+    assert not (pre / "sup_mcl" / "seed0").exists()  # no new chain starts after a failure
+
+
 @pytest.mark.slow
 def test_tiny_experiment_end_to_end_and_resume(tmp_path):
     fm = _synthetic_fashion(tmp_path / "fm")
@@ -161,11 +232,13 @@ def test_tiny_experiment_end_to_end_and_resume(tmp_path):
     )
     # the member metrics of the pretraining logs reach the report
     assert "knn_top1" in report and "top1" in report
-    # resumable: a second call skips every stage (no subprocess stage header but the reports)
+    # two stages at once (the default --jobs 2): each stage's output in its own log
+    assert r.stdout.count("(log: ") == 12 and len(list((out / "logs").glob("*.log"))) == 12
+    assert "pretrain/main.py" in (out / "logs" / "pretrain_sup_mcl_seed_0.log").read_text()
+    # resumable: a second call skips every stage (no stage header; only the reports run)
     r2 = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert r2.returncode == 0, r2.stderr[-3000:]
-    assert "pretrain/main.py" not in r2.stdout and "train_net.py" not in r2.stdout
-    assert "tools/report.py" in r2.stdout
+    assert "=== [" not in r2.stdout and "tools/report.py" in r2.stdout
     # checkpoints are deleted once converted / evaluated (no --keep-checkpoints); a resume
     # does not mistake the missing checkpoint for an unfinished pretraining
     for run in fashion.RUNS:

@@ -52,7 +52,9 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -79,9 +81,9 @@ class FashionSettings:
     out: Path = ROOT / "output" / "fashion_experiment"
     fashion_dir: Path | None = None  # None -> the Debian package path (installed when missing)
     seeds: tuple[int, ...] = (0, 1, 2)
-    per_class: int = 1000  # pretraining images per class (0 = all 6,000 per class)
+    per_class: int = 0  # pretraining images per class (0 = all 6,000 per class: the 60k set)
     val_per_class: int = 100  # t10k images per class for the kNN / top-1 monitor
-    pretrain_epochs: int = 4
+    pretrain_epochs: int = 1
     pretrain_batch: int = 64
     det_iters: int = 150
     num_train_scenes: int = 400
@@ -93,6 +95,9 @@ class FashionSettings:
     # detection model_final.pth (0.1 GB) once its results.json is written; 12 runs would
     # otherwise keep ~5 GB that the report never reads
     keep_checkpoints: bool = False
+    # stages run at once (each chain pretrain -> convert -> detection is independent); the cores
+    # are split between them. Neither this nor keep_checkpoints changes a result
+    jobs: int = 2
 
 
 def tiny_settings(out: Path, fashion_dir: Path | None = None) -> FashionSettings:
@@ -164,6 +169,10 @@ def _pretrain_cmd(s: FashionSettings, run: str, seed: int, out: Path, data: Path
     )
 
 
+def _convert_cmd(ckpt: Path, weights: Path) -> list[str]:
+    return [sys.executable, "tools/convert_to_d2.py", str(ckpt), str(weights), "--member", "0"]
+
+
 def _det_cmd(s: FashionSettings, run: str, seed: int, weights: Path, out: Path) -> list[str]:
     voc = str(s.out / "data" / "scenes" / "voc")
     datasets = repr([["fashion_scenes_voc_trainval", voc, "trainval"], ["fashion_scenes_voc_test", voc, "test"]])  # fmt: skip
@@ -205,7 +214,8 @@ def check_settings(s: FashionSettings) -> None:
     """Record the sizes in ``OUT/settings.json``; resuming with other sizes would silently mix
     runs of two protocols in one table, so it is an error (more seeds are fine: they add runs)."""
     d = asdict(s)
-    now = {k: v for k, v in d.items() if k not in ("out", "fashion_dir", "seeds")}
+    ignored = ("out", "fashion_dir", "seeds", "keep_checkpoints", "jobs")
+    now = {k: v for k, v in d.items() if k not in ignored}
     now = json.loads(json.dumps(now))  # tuples -> lists, as read back from the file
     path = s.out / "settings.json"
     if path.is_file():
@@ -221,50 +231,130 @@ def check_settings(s: FashionSettings) -> None:
         atomic_write_json(path, now)
 
 
+class _Stages:
+    """Runs stage commands from one or several threads: numbered progress lines, per-stage wall
+    times in ``OUT/timings.json``, and (``jobs`` > 1) each stage's output in ``OUT/logs/`` so that
+    two concurrent stages do not interleave on the terminal."""
+
+    def __init__(self, s: FashionSettings, n_stages: int) -> None:
+        self.s, self.n, self.k = s, n_stages, 0
+        self.lock = threading.Lock()
+        self.procs: set[subprocess.Popen] = set()
+        self.failed = threading.Event()
+        self.timings_path = s.out / "timings.json"
+        p = self.timings_path
+        self.timings: dict[str, float] = json.loads(p.read_text()) if p.is_file() else {}
+        self.env = None
+        if s.jobs > 1:  # split the cores: 2 one-thread processes beat one two-thread process
+            threads = max(1, (os.cpu_count() or 1) // s.jobs)
+            self.env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+
+    def skip(self) -> None:
+        with self.lock:
+            self.k += 1
+
+    def run(self, name: str, cmd: list[str]) -> None:
+        if self.failed.is_set():
+            raise _Cancelled
+        with self.lock:
+            self.k += 1
+            step = f"[{self.k}/{self.n}] {name}"
+        t0 = time.time()
+        if self.s.jobs == 1:
+            _run(step, cmd)
+        else:
+            log = self.s.out / "logs" / (name.replace(" ", "_") + ".log")
+            log.parent.mkdir(parents=True, exist_ok=True)
+            print(f"=== {step} (log: {log})", flush=True)
+            with open(log, "w") as f:
+                f.write("$ " + " ".join(cmd) + "\n")
+                f.flush()
+                proc = subprocess.Popen(
+                    cmd, cwd=ROOT, env=self.env, stdout=f, stderr=subprocess.STDOUT
+                )
+                with self.lock:
+                    self.procs.add(proc)
+                rc = proc.wait()
+                with self.lock:
+                    self.procs.discard(proc)
+            if self.failed.is_set():
+                raise _Cancelled
+            if rc != 0:
+                tail = "".join(log.read_text(errors="replace").splitlines(True)[-15:])
+                print(f"--- {step} failed (exit {rc}); the end of {log}:\n{tail}", flush=True)
+                raise MCLDetError(f"step '{name}' failed (exit {rc}); its output is in {log}")
+            print(f"--- {step}: {time.time() - t0:.0f} s", flush=True)
+        with self.lock:
+            self.timings[name] = round(time.time() - t0, 1)
+            atomic_write_json(self.timings_path, self.timings)
+
+    def stop_all(self) -> None:
+        """Another stage failed: stop the running ones (pretraining resumes from its checkpoint)."""
+        self.failed.set()
+        with self.lock:
+            for proc in self.procs:
+                proc.terminate()
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def _chain(s: FashionSettings, st: _Stages, run: str, seed: int, folder: Path) -> None:
+    """pretrain -> convert member 0 -> detection for one (run, seed); each step skipped when done."""
+    pre = s.out / "pretrain" / run / f"seed{seed}"
+    ckpt = pre / "checkpoint_last.pth"
+    w = s.out / "weights" / f"{run}_seed{seed}_member0.pkl"
+    if (pre / "DONE").exists() and (w.exists() or ckpt.exists()):
+        st.skip()
+    else:
+        st.run(f"pretrain {run} seed {seed}", _pretrain_cmd(s, run, seed, pre, folder))
+        (pre / "DONE").touch()
+    if w.exists():
+        st.skip()
+    else:
+        st.run(f"convert {run} seed {seed}", _convert_cmd(ckpt, w))
+    if not s.keep_checkpoints:
+        ckpt.unlink(missing_ok=True)
+    det = s.out / "detection" / run / f"seed{seed}"
+    if (det / "results.json").exists():
+        st.skip()
+    else:
+        st.run(f"detection {run} seed {seed}", _det_cmd(s, run, seed, w, det))
+    if not s.keep_checkpoints:
+        for name in ("model_final.pth", "last_checkpoint"):
+            (det / name).unlink(missing_ok=True)
+
+
 def run_fashion_experiment(s: FashionSettings) -> Path:
     """Run (or resume) every stage; returns the path of ``OUT/report.md``."""
     t_start = time.time()
+    if s.jobs < 1:
+        raise MCLDetError(f"--jobs must be at least 1 (got {s.jobs})")
     check_settings(s)
     folder, _ = prepare_data(s)
-    timings_path = s.out / "timings.json"
-    timings: dict[str, float] = (
-        json.loads(timings_path.read_text()) if timings_path.is_file() else {}
-    )
-    n_stages, k = len(s.seeds) * len(RUNS) * 3, 0
-
-    def stage(name: str, cmd: list[str]) -> None:
-        nonlocal k
-        k += 1
-        t0 = time.time()
-        _run(f"[{k}/{n_stages}] {name}", cmd)
-        timings[name] = round(time.time() - t0, 1)
-        atomic_write_json(timings_path, timings)
-
-    for seed in s.seeds:
-        for run in RUNS:
-            pre = s.out / "pretrain" / run / f"seed{seed}"
-            ckpt = pre / "checkpoint_last.pth"
-            w = s.out / "weights" / f"{run}_seed{seed}_member0.pkl"
-            if (pre / "DONE").exists() and (w.exists() or ckpt.exists()):
-                k += 1
-            else:
-                stage(f"pretrain {run} seed {seed}", _pretrain_cmd(s, run, seed, pre, folder))
-                (pre / "DONE").touch()
-            if w.exists():
-                k += 1
-            else:
-                cmd = [sys.executable, "tools/convert_to_d2.py", str(ckpt), str(w), "--member", "0"]
-                stage(f"convert {run} seed {seed}", cmd)
-            if not s.keep_checkpoints:
-                ckpt.unlink(missing_ok=True)
-            det = s.out / "detection" / run / f"seed{seed}"
-            if (det / "results.json").exists():
-                k += 1
-            else:
-                stage(f"detection {run} seed {seed}", _det_cmd(s, run, seed, w, det))
-            if not s.keep_checkpoints:
-                for name in ("model_final.pth", "last_checkpoint"):
-                    (det / name).unlink(missing_ok=True)
+    chains = [(run, seed) for seed in s.seeds for run in RUNS]
+    st = _Stages(s, len(chains) * 3)
+    if s.jobs == 1:
+        for run, seed in chains:
+            _chain(s, st, run, seed, folder)
+    else:
+        # the self-supervised chains are the longest: start them first to balance the workers
+        chains.sort(key=lambda c: not c[0].startswith("selfsup"))
+        with ThreadPoolExecutor(max_workers=s.jobs) as pool:
+            futures = [pool.submit(_chain, s, st, run, seed, folder) for run, seed in chains]
+            errors: list[BaseException] = []
+            try:
+                for f in as_completed(futures):
+                    e = f.exception()
+                    if e is not None and not isinstance(e, _Cancelled):
+                        errors.append(e)
+                        st.stop_all()
+            except BaseException:
+                st.stop_all()
+                raise
+            if errors:
+                raise errors[0]
 
     report = write_report(s)
     print(report.read_text())
