@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from clitools import run_tool
 
 pytest.importorskip("detectron2")
 
@@ -29,10 +27,13 @@ TOY = [
 
 
 def _run(args, data_root, tmp_path):
-    env = dict(os.environ, DETECTRON2_DATASETS=str(data_root), OMP_NUM_THREADS="1")
-    env.pop("MCL_DET_DEBUG", None)
-    return subprocess.run(
-        [sys.executable, TRAIN_NET, *args], cwd=tmp_path, env=env, capture_output=True, text=True
+    return run_tool(
+        TRAIN_NET,
+        *args,
+        cwd=tmp_path,
+        timeout=600,
+        DETECTRON2_DATASETS=str(data_root),
+        OMP_NUM_THREADS="1",
     )
 
 

@@ -2,11 +2,10 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from clitools import run_tool
 from yacs.config import CfgNode
 
 from mcl_det.config import merge_cfg, save_cfg
@@ -124,8 +123,8 @@ def test_run_main_user_error_is_one_line(tmp_path):
         "def main():\n    raise MCLDetError('dataset not found: /x; pass DATA.ROOT')\n"
         "run_main(main)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "MCL_DET_DEBUG"}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    (tmp_path / "tool.py").write_text(code)
+    r = run_tool(tmp_path / "tool.py", cwd=tmp_path)
     assert r.returncode == 2
     assert r.stderr.strip() == "error: dataset not found: /x; pass DATA.ROOT"
     assert "Traceback" not in r.stderr

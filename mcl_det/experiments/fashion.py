@@ -15,34 +15,31 @@ items from the t10k half never seen in pretraining), with the same detection see
 pretraining seed. ``tools/report.py`` then makes one table per mode (MCL vs its own baseline) and
 the combined ``OUT/report.md`` also lists the loss terms that were active in each run.
 
-Every stage runs the user-facing command in a subprocess (``mcl_det.demo._run``) and is skipped
-when its output exists, so an interrupted experiment resumes; an interrupted pretraining continues
-with ``--resume`` from its last checkpoint (written at every epoch end); an interrupted detection
-run starts again (it is about 3 minutes). Per-stage wall times go to ``OUT/timings.json``.
+Every stage runs the user-facing command in a subprocess and is skipped when its output exists,
+so an interrupted experiment resumes; an interrupted pretraining continues with ``--resume`` from its
+last checkpoint (every 250 iterations and at the epoch end); an interrupted detection run starts
+again (about 5 minutes). Per-stage wall times go to ``OUT/timings.json``. The (run, seed) chains
+pretrain -> convert -> detection are independent: ``jobs`` = 2 runs two side by side with one
+thread each (on 2 cores that does 1.3-1.4x the work of one two-thread process), each stage's output
+in ``OUT/logs/``; a failing stage stops the others.
 
-Size, honestly: the whole 60k set does not fit the 90-minute budget on 2 CPU cores (12 cohorts of
-two networks). Pretraining uses the first ``per_class`` training images of every class
-(``--per-class``, default 1000 -> 10,000 images, a sixth of the set) for ``pretrain_epochs`` = 4
-epochs at batch 64 (624 iterations); kNN (k=50, 5,000-image memory) / top-1 use ``val_per_class``
-= 100 t10k images per class. ``--per-class 0`` uses all 60k images (6x the pretraining time). At
-this scale the networks are far from converged, so the table measures a short-schedule effect;
-whatever it says is reported as is. Detection: 150 iterations at batch 4 on 400 train scenes,
-VOC AP on 150 test scenes.
+Size: pretraining reads all 60,000 training images (``per_class`` = 0; ``--per-class N`` takes the
+first N of every class) for ``pretrain_epochs`` = 1 epoch at batch 64 (937 iterations, cosine lr);
+kNN (k=50, 5,000-image memory) / top-1 use ``val_per_class`` = 100 t10k images per class. One epoch
+is what 12 cohorts of two networks allow in 90 minutes on 2 cores: the networks are far from
+converged, so the table measures a short-schedule effect, and whatever it says is reported as is.
+Detection: 150 iterations at batch 4 on 400 train scenes, VOC AP on 150 test scenes.
 
-Budget, measured by timing a few iterations of each stage at the default sizes (2 CPU cores that
-were shared with other jobs, load 1-3, so a quiet machine should be faster; commands in README):
+Budget, measured on the full default run (3 seeds, 2 CPU cores, jobs 2; OUT/timings.json):
 
-    stage (per run)            s/iter  x iters   + eval, checkpoints, start-up   = s per run
-    pretrain sup_mcl           0.237   x 624     + 10                            = 158
-    pretrain sup_baseline      0.168   x 624     + 10                            = 115
-    pretrain selfsup_mcl       0.30    x 624     + 20 (kNN 10 s)                 = 207
-    pretrain selfsup_baseline  0.30    x 624     + 20                            = 207
-    convert member 0           -                   5.5                           = 6
-    detection Faster R-CNN     1.0-1.13 x 150    + 15 (150 test scenes) + 5      = 170-190
-    data (ImageFolder export + 550 scenes), reports                              = 20 once
+    stage (per run, two at once, one thread each)     wall s
+    pretrain selfsup_mcl / selfsup_baseline            467-475 / 451-472
+    pretrain sup_mcl / sup_baseline                    386-388 / 261-277
+    convert member 0                                   4
+    detection Faster R-CNN (150 it + test)             272-285
+    data (ImageFolder export of 70k + 550 scenes)      7-20 once
 
-    3 seeds: pretraining 3 x 687 s = 34 min; convert 12 x 6 s = 1 min; detection 12 x 190 s =
-    38 min; data and reports < 1 min  ->  about 74 min, under the 90-minute limit.
+    12 chains on 2 workers: 4,155 s = 69 min in all, under the 90-minute limit.
 """
 
 from __future__ import annotations
