@@ -339,7 +339,15 @@ def run_fashion_experiment(s: FashionSettings) -> Path:
         # the self-supervised chains are the longest: start them first to balance the workers
         chains.sort(key=lambda c: not c[0].startswith("selfsup"))
         with ThreadPoolExecutor(max_workers=s.jobs) as pool:
-            futures = [pool.submit(_chain, s, st, run, seed, folder) for run, seed in chains]
+
+            def chain(run: str, seed: int) -> None:
+                try:
+                    _chain(s, st, run, seed, folder)
+                except BaseException:
+                    st.stop_all()  # in this worker, before it can pick up the next chain
+                    raise
+
+            futures = [pool.submit(chain, run, seed) for run, seed in chains]
             errors: list[BaseException] = []
             try:
                 for f in as_completed(futures):
