@@ -33,6 +33,9 @@ class DemoSettings:
     seeds: tuple[int, ...] = (0,)
     extra_pretrain: list[str] = field(default_factory=list)
     extra_det: list[str] = field(default_factory=list)
+    # False: a fine-tuned detector's model_final.pth (0.1 GB) is deleted once its results.json is
+    # written (the report reads only that); the pretraining checkpoints are always kept
+    keep_checkpoints: bool = False
 
 
 def _run(step: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
@@ -94,6 +97,9 @@ def run_demo(s: DemoSettings) -> Path:
                 + s.extra_det,
                 env,
             )
+            if not s.keep_checkpoints:
+                for name in ("model_final.pth", "last_checkpoint"):
+                    (out / name).unlink(missing_ok=True)
 
     report = s.output / "report.md"
     _run(

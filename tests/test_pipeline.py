@@ -38,6 +38,7 @@ def test_demo_end_to_end(tmp_path):
     # stage 3: results.json per fine-tuning run, trained from the converted weights
     for tag in ("mcl", "baseline"):
         res = json.loads((out / f"det_{tag}" / "seed0" / "results.json").read_text())
+        assert not (out / f"det_{tag}" / "seed0" / "model_final.pth").exists()  # consumed
         assert res["finished"] and res["task"] == "voc" and res["weights_tag"] == tag
         assert res["weights"].endswith(f"{tag}_member0.pkl") and res["iteration"] == 6
         assert set(res["metrics"]["bbox"]) >= {"AP", "AP50", "AP75"}

@@ -25,6 +25,7 @@ if [ ! -x "$PY" ]; then
   python3 -m venv "$VENV"
 fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+export PIP_NO_CACHE_DIR=${PIP_NO_CACHE_DIR:-1}  # no second copy of every download on the disk
 
 # pip, minus the "Location ... is ignored" lines that extra local indexes make on some machines.
 pipq() {
@@ -40,7 +41,7 @@ stamp_in="$TORCH_PINS|$(cat setup.py tools/install_detectron2.py | sha256sum | c
 stamp_file=$VENV/.mcl_det_stamp
 if [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp_in" ]; then
   if ! "$PY" -c "import torch, torchvision" 2>/dev/null; then
-    need=7000  # torch 2.14.1 CUDA build + its nvidia libraries + triton: ~5.6 GB in the venv
+    need=5800  # torch 2.14.1 CUDA build + nvidia libraries + triton: ~5.9 GB; below this it can't fit
     have=$(free_mib "$VENV")
     if [ "$have" -lt "$need" ]; then
       echo "error: only $have MiB free for $VENV; torch's CUDA build needs about $need MiB:" \
@@ -68,14 +69,14 @@ case "$job" in
   "") ;;
   demo) exec "$PY" tools/demo.py "$@" ;;
   test)
-    # the suite writes real checkpoints under the temp dir: ~1 GB at its peak
+    # the suite writes real checkpoints under the temp dir: ~0.85 GB at its peak
     tmp=${TMPDIR:-/tmp}
     have=$(free_mib "$tmp")
     echo "[bootstrap] $have MiB free in $tmp"
-    if [ "$have" -lt 1500 ]; then
-      echo "error: only $have MiB free in $tmp; the test suite needs about 1500 MiB for its" \
-        "checkpoints: free disk space or set TMPDIR to a larger disk" >&2
-      exit 2
+    if [ "$have" -lt 1200 ]; then
+      echo "[bootstrap] warning: only $have MiB free in $tmp; the test suite needs about 900 MiB" \
+        "for its checkpoints (a full disk fails them with 'could not write ...'): free disk" \
+        "space or set TMPDIR to a larger disk" >&2
     fi
     exec "$PY" -m pytest -q "$@" ;;
   *) echo "error: unknown job '$job' (use: demo, test)" >&2; exit 2 ;;

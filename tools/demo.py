@@ -16,6 +16,12 @@ def main() -> int:
     ap.add_argument("--pretrain-epochs", type=int, default=d.pretrain_epochs)
     ap.add_argument("--det-iters", type=int, default=d.det_iters)
     ap.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds))
+    ap.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep each fine-tuned detector's model_final.pth (default: deleted once its "
+        "results.json is written; the pretraining checkpoints are always kept)",
+    )
     a = ap.parse_args()
     run_demo(
         DemoSettings(
@@ -24,6 +30,7 @@ def main() -> int:
             pretrain_epochs=a.pretrain_epochs,
             det_iters=a.det_iters,
             seeds=tuple(a.seeds),
+            keep_checkpoints=a.keep_checkpoints,
         )
     )
     return 0
