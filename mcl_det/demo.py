@@ -38,6 +38,13 @@ class DemoSettings:
     keep_checkpoints: bool = False
 
 
+def drop_detector_weights(out: Path) -> None:
+    """Delete a finished fine-tuning run's model_final.pth (0.1 GB) and the last_checkpoint file
+    that points at it; its results.json, metrics and logs stay (all a report reads)."""
+    for name in ("model_final.pth", "last_checkpoint"):
+        (out / name).unlink(missing_ok=True)
+
+
 def _run(step: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
     print(f"\n=== {step}\n$ {' '.join(cmd)}", flush=True)
     t0 = time.time()
@@ -98,8 +105,7 @@ def run_demo(s: DemoSettings) -> Path:
                 env,
             )
             if not s.keep_checkpoints:
-                for name in ("model_final.pth", "last_checkpoint"):
-                    (out / name).unlink(missing_ok=True)
+                drop_detector_weights(out)
 
     report = s.output / "report.md"
     _run(

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clitools import run_tool
 
 from mcl_det.data.fashion_mnist import write_idx
 from mcl_det.experiments import fashion
 from mcl_det.utils.errors import MCLDetError
 
 ROOT = Path(__file__).resolve().parents[1]
+RUNNER = ROOT / "benchmarks" / "fashion_mnist_experiment.py"
 
 
 def _synthetic_fashion(d: Path, n_train: int = 40, n_test: int = 20) -> Path:
@@ -43,13 +45,7 @@ def test_missing_data_names_path_and_command(tmp_path):
 
 
 def test_cli_missing_data_is_one_line_error(tmp_path):
-    r = subprocess.run(
-        [sys.executable, "benchmarks/fashion_mnist_experiment.py", "--tiny"]
-        + ["--out", str(tmp_path / "out"), "--fashion-dir", str(tmp_path / "nowhere")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    r = run_tool(RUNNER, "--tiny", "--out", tmp_path / "out", "--fashion-dir", tmp_path / "nowhere")
     assert r.returncode == 2
     assert (
         r.stderr.strip().startswith("error: Fashion-MNIST not found")
@@ -212,9 +208,8 @@ def test_a_failing_stage_stops_the_others_and_names_its_log(tmp_path, monkeypatc
 def test_tiny_experiment_end_to_end_and_resume(tmp_path):
     fm = _synthetic_fashion(tmp_path / "fm")
     out = tmp_path / "out"
-    cmd = [sys.executable, "benchmarks/fashion_mnist_experiment.py", "--tiny"]
-    cmd += ["--out", str(out), "--fashion-dir", str(fm)]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    args = ["--tiny", "--out", out, "--fashion-dir", fm]
+    r = run_tool(RUNNER, *args, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = (out / "report.md").read_text()
     assert report in r.stdout  # printed too
@@ -236,7 +231,7 @@ def test_tiny_experiment_end_to_end_and_resume(tmp_path):
     assert r.stdout.count("(log: ") == 12 and len(list((out / "logs").glob("*.log"))) == 12
     assert "pretrain/main.py" in (out / "logs" / "pretrain_sup_mcl_seed_0.log").read_text()
     # resumable: a second call skips every stage (no stage header; only the reports run)
-    r2 = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    r2 = run_tool(RUNNER, *args, timeout=900)
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "=== [" not in r2.stdout and "tools/report.py" in r2.stdout
     # checkpoints are deleted once converted / evaluated (no --keep-checkpoints); a resume

@@ -1,12 +1,10 @@
 """The whole toolkit end to end at toy scale: the demo's four stages, through the real CLIs."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from clitools import run_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -14,10 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
     out, data = tmp_path / "out", tmp_path / "data"
-    cmd = [sys.executable, "tools/demo.py", "--output", str(out), "--data", str(data)]
-    cmd += ["--pretrain-epochs", "1", "--det-iters", "6"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+    args = ["--output", out, "--data", data, "--pretrain-epochs", "1", "--det-iters", "6"]
+    r = run_tool(ROOT / "tools" / "demo.py", *args, timeout=900, OMP_NUM_THREADS="1")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
     # stage 1: one checkpoint per cohort holding both members

@@ -56,7 +56,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..data.fashion_mnist import APT_HINT, DEFAULT_DIR, ensure_fashion_mnist
-from ..demo import ROOT, _run
+from ..demo import ROOT, _run, drop_detector_weights
 from ..utils.errors import MCLDetError
 from ..utils.io import atomic_write_json, atomic_write_text
 
@@ -319,8 +319,7 @@ def _chain(s: FashionSettings, st: _Stages, run: str, seed: int, folder: Path) -
     else:
         st.run(f"detection {run} seed {seed}", _det_cmd(s, run, seed, w, det))
     if not s.keep_checkpoints:
-        for name in ("model_final.pth", "last_checkpoint"):
-            (det / name).unlink(missing_ok=True)
+        drop_detector_weights(det)
 
 
 def run_fashion_experiment(s: FashionSettings) -> Path:
@@ -348,16 +347,12 @@ def run_fashion_experiment(s: FashionSettings) -> Path:
                     raise
 
             futures = [pool.submit(chain, run, seed) for run, seed in chains]
-            errors: list[BaseException] = []
-            try:
-                for f in as_completed(futures):
-                    e = f.exception()
-                    if e is not None and not isinstance(e, _Cancelled):
-                        errors.append(e)
-                        st.stop_all()
-            except BaseException:
+            try:  # a failing chain has already stopped the others (in its worker)
+                errors = [f.exception() for f in as_completed(futures)]
+            except BaseException:  # Ctrl-C here: stop the running stages too
                 st.stop_all()
                 raise
+            errors = [e for e in errors if e is not None and not isinstance(e, _Cancelled)]
             if errors:
                 raise errors[0]
 

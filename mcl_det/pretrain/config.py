@@ -74,9 +74,7 @@ def get_pretrain_cfg() -> CN:
         0  # > 0: stop after this many iterations (the lr schedule still spans EPOCHS)
     )
     _C.SOLVER.AMP = ""  # "", "bf16" or "fp16"
-    _C.SOLVER.CHECKPOINT_PERIOD = (
-        1000  # iterations; checkpoint_last.pth is also written at epoch ends
-    )
+    _C.SOLVER.CHECKPOINT_PERIOD = 1000  # iterations; checkpoint_last.pth also at epoch ends
     # epochs between kept snapshots checkpoint_epXXXX.pth (the last epoch is always kept);
     # 0 = keep only checkpoint_last.pth. An R50 x 2 MoCo cohort checkpoint is ~0.6 GB, so
     # a snapshot every epoch of a 200-epoch run would fill 120 GB.
