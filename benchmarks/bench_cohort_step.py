@@ -5,11 +5,14 @@ Measures, side by side in one run:
   interleaved A, B, A, B ... so machine load drifts hit both alike; median of the steps
   (target <= 2.05: the cohort should add nothing beyond the second network's own work);
 - the MCL loss terms alone (cohort logits at K, the four terms, their backward) as a share of the
-  cohort step (target < 5% at K = 65536, M = 2, R18, batch 32);
+  single network's step (the target: < 5% at K = 65536, M = 2, R18, batch 32) and of the cohort's;
 - peak memory ratio (target <= 2.1x). GPU: torch.cuda.max_memory_allocated in this process.
   CPU: each variant runs in a fresh subprocess (same script, --memory-worker) and reports its peak
   RSS (VmHWM in /proc/self/status) minus its RSS after imports; i.e. model + optimizer +
   activations + queue, as the OS sees it (allocator caching included).
+On CPU glibc malloc keeps freed memory as pretraining does (CPU_KEEP_FREED_MEMORY, on by default);
+--no-keep-freed-memory measures glibc's defaults (page faults every step: slower, and more so for
+the cohort's larger working set).
 Writes benchmarks/results/bench_cohort_step.json and prints it.
 """
 
@@ -31,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mcl_det.pretrain import losses  # noqa: E402
 from mcl_det.pretrain.engine import selfsup_loss  # noqa: E402
 from mcl_det.pretrain.models import SelfSupCohort  # noqa: E402
+from mcl_det.utils.malloc import keep_freed_memory  # noqa: E402
 
 ALL = {"vcl": 1.0, "icl": 1.0, "soft_vcl": 1.0, "soft_icl": 1.0}
 MOCO = {"vcl": 1.0, "icl": 0.0, "soft_vcl": 0.0, "soft_icl": 0.0}
@@ -63,7 +67,9 @@ def terms_only(args, device, sync):
         return torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=-1).to(device)
 
     qs = [rnd(n, c).requires_grad_() for _ in range(args.members)]
-    ks, queues = [rnd(n, c) for _ in range(args.members)], [rnd(k, c) for _ in range(args.members)]
+    ks = [rnd(n, c) for _ in range(args.members)]
+    buffer = rnd(args.members, k, c)  # MxKxC: the queues are its rows, as in SelfSupCohort
+    queues = [buffer[m] for m in range(args.members)]
     times = []
     for _ in range(args.warmup + args.iters):
         t = time.perf_counter()
@@ -107,6 +113,13 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: default)")
+    p.add_argument(
+        "--no-keep-freed-memory",
+        dest="keep_freed_memory",
+        action="store_false",
+        help="CPU: leave glibc malloc as it is (pretraining raises its thresholds by default, "
+        "CPU_KEEP_FREED_MEMORY; see mcl_det/utils/malloc.py)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--out", default=str(Path(__file__).parent / "results" / "bench_cohort_step.json")
@@ -117,6 +130,7 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    kept = args.device == "cpu" and args.keep_freed_memory and keep_freed_memory()
     if args.members_worker:
         memory_worker(args)
         return
@@ -157,6 +171,8 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--memory-worker", str(m), "--arch", args.arch,
                    "--batch", str(args.batch), "--size", str(args.size), "--queue", str(args.queue),
                    "--device", "cpu", "--threads", str(args.threads)]  # fmt: skip
+            if not args.keep_freed_memory:
+                cmd.append("--no-keep-freed-memory")
             r = subprocess.run(cmd, capture_output=True, text=True, check=True)
             mem[m] = json.loads(r.stdout.strip().splitlines()[-1])["rss_delta_mib"]
         how = "CPU: peak RSS (VmHWM) minus RSS after imports, fresh subprocess per variant"
@@ -168,10 +184,12 @@ def main() -> None:
         "step_s_single": s1, "step_s_cohort": s2,
         "step_time_ratio": s2 / s1, "step_time_ratio_target": 2.05,
         "mcl_terms_s": t_terms, "mcl_terms_share_of_cohort_step": t_terms / s2,
+        "mcl_terms_share_of_single_step": t_terms / s1,
         "mcl_terms_share_target": 0.05,
         "peak_mem_mib_single": mem[1], "peak_mem_mib_cohort": mem[args.members],
         "peak_mem_ratio": mem[args.members] / max(mem[1], 1e-9), "peak_mem_ratio_target": 2.1,
         "memory_measured_with": how,
+        "cpu_keep_freed_memory": kept,
     }  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -530,9 +530,166 @@ def test_bench_mcl_losses_runs_tiny_and_counts_fewer_ops(tmp_path):
     out = tmp_path / "b.json"
     res = bench.main(
         ["--device", "cpu", "--no-r18", "--queue", "64", "--rounds", "1", "--loss-reps", "1",
-         "--out", str(out)]
+         "--no-keep-freed-memory", "--out", str(out)]
     )  # fmt: skip
     assert json.loads(out.read_text()) == res
     assert res["ops"]["new"]["aten_ops"] < res["ops"]["old"]["aten_ops"] / 2
     assert res["ops"]["new_vcl_only"]["aten_ops"] < res["ops"]["old_vcl_only"]["aten_ops"]
+    # the fused node: the whole loss graph is a handful of nodes, not one chain per pair
+    assert res["ops"]["new"]["autograd_nodes"] < res["ops"]["old"]["autograd_nodes"] / 3
+    # with the denominators: one R18 MoCo step (the target's) and a plain R18 SGD step
+    res = bench.main(
+        ["--device", "cpu", "--queue", "64", "--batch", "4", "--image-size", "32", "--rounds", "1",
+         "--loss-reps", "1", "--no-keep-freed-memory", "--out", str(out)]
+    )  # fmt: skip
+    assert res["moco_r18_step_ms"] > 0 and res["r18_step_ms"] > 0
+    assert res["ratio"] == pytest.approx(res["loss_ms"]["new"] / res["moco_r18_step_ms"], rel=1e-2)
+    assert res["cpu_keep_freed_memory"] is False  # left alone: this is the test process
     assert res["max_rel_diff_old_new"] < 1e-5  # the frozen old version gives the same terms
+
+
+# ------------------------------------------------------------------------------------------------
+# the fused autograd node (closed-form backward): weights, gradcheck, retained graphs, no_grad
+# ------------------------------------------------------------------------------------------------
+
+UNEQUAL = {"vcl": 0.7, "icl": -1.3, "soft_vcl": 2.1, "soft_icl": 0.4}
+
+
+def per_pair_terms(grid, t):
+    """Each term from per-pair torch ops (CE and soft_kl per pair): autograd's gradients."""
+    m = len(grid)
+    out = dict.fromkeys(L.TERMS, grid[0][0].new_zeros(()))
+    for a in range(m):
+        target = torch.zeros(grid[a][a].shape[0], dtype=torch.long)
+        out["vcl"] = out["vcl"] + F.cross_entropy(grid[a][a], target)
+        for b in range(m):
+            if a != b:
+                out["icl"] = out["icl"] + F.cross_entropy(grid[a][b], target)
+                out["soft_vcl"] = out["soft_vcl"] + L.soft_kl(grid[a][a], grid[b][b], t)
+                out["soft_icl"] = out["soft_icl"] + L.soft_kl(grid[a][b], grid[b][a], t)
+    return out
+
+
+def leaf_grid(m, n, width, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        [
+            torch.randn(n, width, dtype=torch.float64, generator=g, requires_grad=True)
+            for _ in range(m)
+        ]
+        for _ in range(m)
+    ]
+
+
+@pytest.mark.parametrize("m", [2, 3])
+def test_fused_gradient_with_unequal_term_weights(m):
+    """Each term's gradient scale reaches the right cells: distinct (and one negative) weights
+    per term, every subset, against per-pair autograd on separate leaves."""
+    grid = leaf_grid(m, 4, 7, seed=120 + m)
+    leaves = [x for row in grid for x in row]
+    ref = per_pair_terms(grid, 2.5)
+    for needed in SUBSETS:
+        terms = L.mcl_loss_terms(grid, T=2.5, needed=needed)
+        loss = sum(UNEQUAL[name] * terms[name] for name in needed)
+        want = sum(UNEQUAL[name] * ref[name] for name in needed)
+        got_g = torch.autograd.grad(loss, leaves, allow_unused=True)
+        want_g = torch.autograd.grad(want, leaves, retain_graph=True, allow_unused=True)
+        for g_got, g_want in zip(got_g, want_g, strict=True):
+            if g_want is None:  # a cell no needed term uses: it must get no gradient either
+                assert g_got is None or g_got.abs().max() == 0
+            else:
+                torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-12)
+
+
+def ref_student_gradient(grid, t, weights, eps=1e-6):
+    """Central differences of the weighted terms w.r.t. each cell as a *student*: the KL
+    teachers are held at their unperturbed values (the detach), loop references only."""
+    m = len(grid)
+
+    def cell_loss(a, b, rows):
+        ce = ref_ce0(rows)
+        out = weights.get("vcl" if a == b else "icl", 0.0) * ce
+        for c in range(m):
+            if c == a:
+                continue
+            if a == b:  # soft VCL: s(a->a) against each s(c->c)
+                out += weights.get("soft_vcl", 0.0) * ref_kl(rows, grid[c][c], t)
+            elif c == b:  # soft ICL: s(a->b) against s(b->a)
+                out += weights.get("soft_icl", 0.0) * ref_kl(rows, grid[b][a], t)
+        return out
+
+    grads = []
+    for a in range(m):
+        for b in range(m):
+            rows = [list(r) for r in grid[a][b]]
+            g = [[0.0] * len(r) for r in rows]
+            for i, row in enumerate(rows):
+                for j in range(len(row)):
+                    x = row[j]
+                    row[j] = x + eps
+                    up = cell_loss(a, b, rows)
+                    row[j] = x - eps
+                    down = cell_loss(a, b, rows)
+                    row[j] = x
+                    g[i][j] = (up - down) / (2 * eps)
+            grads.append(torch.tensor(g, dtype=torch.float64))
+    return grads
+
+
+@pytest.mark.parametrize("m", [2, 3])
+def test_fused_gradient_matches_finite_differences_of_the_loop_reference(m):
+    """The closed-form backward against central differences of the loop formulas: no autograd
+    and no code shared with the implementation."""
+    grid = leaf_grid(m, 3, 5, seed=130 + m)
+    leaves = [x for row in grid for x in row]
+    terms = L.mcl_loss_terms(grid, T=2.0)
+    got = torch.autograd.grad(sum(UNEQUAL[name] * terms[name] for name in L.TERMS), leaves)
+    want = ref_student_gradient([[x.detach().tolist() for x in row] for row in grid], 2.0, UNEQUAL)
+    for g_got, g_want in zip(got, want, strict=True):
+        torch.testing.assert_close(g_got, g_want, rtol=1e-6, atol=1e-8)
+
+
+def test_fused_backward_twice_through_a_retained_graph():
+    """The closed-form backward must not consume what it saved (retain_graph=True works)."""
+    qs, ks, queues = cohort(2, 4, 5, 6, seed=140)
+    loss = sum(L.mcl_loss_terms(L.cohort_logits(qs, ks, queues, tau=0.2)).values())
+    first = torch.autograd.grad(loss, qs, retain_graph=True)
+    second = torch.autograd.grad(loss, qs)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_fused_terms_under_no_grad_equal_the_training_values():
+    qs, ks, queues = cohort(3, 4, 5, 6, seed=150)
+    with_grad = L.mcl_loss_terms(L.cohort_logits(qs, ks, queues, tau=0.2))
+    with torch.no_grad():
+        without = L.mcl_loss_terms(L.cohort_logits(qs, ks, queues, tau=0.2))
+    for name in L.TERMS:
+        assert not without[name].requires_grad
+        assert without[name].item() == pytest.approx(with_grad[name].item(), rel=1e-12), name
+
+
+@pytest.mark.parametrize("m, cross, needed", [(2, True, None), (3, True, None), (3, False, None),
+                                              (3, True, {"soft_vcl", "icl"})])  # fmt: skip
+def test_row_chunks_give_the_whole_batch_result(monkeypatch, m, cross, needed):
+    """On a CPU the fused node works in row chunks (small buffers); 7 rows in chunks of 2 (an
+    uneven tail) must give the same terms and gradients as one chunk."""
+    qs, ks, queues = cohort(m, 7, 4, 9, seed=160 + m)
+    if not cross:
+        needed = {"vcl", "soft_vcl"}
+
+    def run():
+        grid = L.cohort_logits(qs, ks, queues, tau=0.3, cross=cross)
+        terms = L.mcl_loss_terms(grid, T=2.0, needed=needed)
+        loss = sum(UNEQUAL[name] * value for name, value in terms.items())
+        return terms, torch.autograd.grad(loss, qs)
+
+    whole_terms, whole_grads = run()
+    cells = m * m if cross else m
+    monkeypatch.setattr(L, "_CPU_CHUNK_BYTES", 2 * cells * 10 * 8)  # 2 rows of 10 float64s
+    assert len(L._row_chunks(torch.zeros(cells, 7, 10, dtype=torch.float64))) == 4
+    chunk_terms, chunk_grads = run()
+    for name, value in whole_terms.items():
+        assert chunk_terms[name].item() == pytest.approx(value.item(), rel=1e-12), name
+    for a, b in zip(whole_grads, chunk_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

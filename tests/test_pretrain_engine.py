@@ -47,6 +47,17 @@ def _losses(out):
     return [(r["iteration"], r["loss"]) for r in lines if r["type"] == "train"]
 
 
+@pytest.mark.parametrize("keep", [True, False])
+def test_cpu_run_keeps_freed_memory_unless_switched_off(data_root, tmp_path, monkeypatch, keep):
+    from mcl_det.pretrain import engine
+
+    calls = []
+    monkeypatch.setattr(engine, "keep_freed_memory", lambda: calls.append(1) or True)
+    opts = _opts(data_root, tmp_path / "run", CPU_KEEP_FREED_MEMORY=str(keep), DEVICE="cpu")
+    engine.Trainer(setup_pretrain_cfg(TOY, opts, cohort=2))
+    assert calls == ([1] if keep else [])
+
+
 def test_selfsup_run_writes_design_checkpoint(data_root, tmp_path):
     out = tmp_path / "run"
     extra = {"MONITOR.EVAL_PERIOD": "1", "SOLVER.EPOCH_SNAPSHOT_PERIOD": "3"}

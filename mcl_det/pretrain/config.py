@@ -17,6 +17,9 @@ def get_pretrain_cfg() -> CN:
     _C.OUTPUT_DIR = "output/pretrain"
     _C.SEED = 0
     _C.DEVICE = ""  # "" -> cuda when available, else cpu
+    # CPU runs: glibc keeps freed buffers for reuse instead of page-faulting them in again every
+    # step (R18 x 2 step 16% faster here; the RSS stays near its peak). No effect on a GPU.
+    _C.CPU_KEEP_FREED_MEMORY = True
 
     _C.MODEL = CN()
     _C.MODEL.ARCH = "resnet50"  # used for every member when ARCHS is empty

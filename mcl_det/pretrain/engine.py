@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Subset
 
 from ..config import save_cfg
 from ..utils.errors import MCLDetError
+from ..utils.malloc import keep_freed_memory
 from . import distributed as du
 from . import losses
 from .checkpoint import LAST, load_checkpoint, load_model_state, save_checkpoint, set_rng_state
@@ -150,6 +151,8 @@ class Trainer:
         self.rank, self.world, local = du.init_distributed(dev_type)
         self.device = pick_device(cfg, local)
         self.main = self.rank == 0
+        if self.device.type == "cpu" and cfg.CPU_KEEP_FREED_MEMORY:
+            keep_freed_memory()  # see mcl_det/utils/malloc.py; a no-op off glibc
         self.out = Path(cfg.OUTPUT_DIR)
         if cfg.MODE not in ("selfsup", "supervised"):
             raise MCLDetError(f"unknown MODE {cfg.MODE!r}; use selfsup or supervised")

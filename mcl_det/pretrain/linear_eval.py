@@ -22,6 +22,7 @@ from yacs.config import CfgNode
 from ..config import merge_cfg, save_cfg
 from ..utils.errors import MCLDetError
 from ..utils.io import atomic_write_json
+from ..utils.malloc import keep_freed_memory
 from .checkpoint import load_checkpoint
 from .config import get_pretrain_cfg
 from .data import SafeImageFolder, eval_transform, resolve_data_root, supervised_transform
@@ -66,6 +67,8 @@ def run_linear_eval(
     torch.manual_seed(cfg.SEED)
     backbone, arch = load_member_backbone(ckpt, member)
     device = torch.device(cfg.DEVICE or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu" and cfg.CPU_KEEP_FREED_MEMORY:
+        keep_freed_memory()  # see mcl_det/utils/malloc.py
     backbone.to(device).eval()
     for p in backbone.parameters():
         p.requires_grad = False

@@ -20,11 +20,13 @@ guarantee this, these functions cannot check it.
 
 Why the code is batched: at M = 2, K = 65536, N = 32 a GPU spends the time of these terms
 launching small kernels, not computing. So the M x M grid is one (M*M)xNxL tensor (the entries
-the caller sees are views of it), and each step (log-softmax, CE, KL, the final sums) is one op
-for the whole cohort: about 40 aten ops for forward + backward instead of about 125 with one
-cat / CE / log-softmax / KL per pair (benchmarks/bench_mcl_losses.py counts them). On a CPU this
-is no faster (it is bandwidth-bound there), and glibc malloc makes the big buffers slower unless
-its mmap threshold is raised (see the benchmark).
+the caller sees are views of it), and the four terms of the whole cohort are ONE autograd node
+(``_CellTermsFn``) whose backward is the closed-form gradient (softmax minus target / teacher):
+each step is one op for the whole cohort, no autograd graph is recorded inside, and the backward
+is two fused multiply-adds. Logits + terms, forward + backward, at M = 2: 39 aten ops and 19
+autograd nodes instead of 124 and 71 with one cat / CE / log-softmax / KL per pair
+(benchmarks/bench_mcl_losses.py counts them). On a CPU the node works in row chunks (small
+buffers that malloc reuses) and the two (M*N)xCx(M*K) matmuls are about two thirds of the time.
 """
 
 from __future__ import annotations
@@ -218,81 +220,203 @@ def _soft_vcl_rounds(log_p_diag: Tensor, first: int) -> list[Tensor]:
     return [_kl_cells(log_p_diag, teacher.roll(-r, dims=0)) for r in range(first, m)]
 
 
-@functools.lru_cache(maxsize=64)
-def _round1_teacher_index(m: int, device: torch.device) -> Tensor:
-    """For the row-major (M*M) cells: the teacher cell of each student cell, for one gather.
+class _TermPlan:
+    """What ``_CellTermsFn`` computes for one (M, grid kind, needed terms, N, T): made once.
 
-    Cell (a, b), a != b: (b, a) (soft ICL). Cell (a, a): (a+1, a+1) (round 1 of soft VCL). For
-    M = 2 this covers every KL pair of both terms. Cached: one tiny host->device copy per device.
+    Cells are the rows of x: (M*M) row-major pairs (``full``) or the M diagonal cells.
+    * ``ce``: whether any CE term is needed (then every cell's CE sum is an entry of ``v``).
+    * ``rounds``: KL rounds ``(students, teachers)``; ``students`` None means every cell, in order.
+      With ``full`` and soft_icl, round 1 pairs every cell with its teacher in one gather: (a, b)
+      with (b, a), (a, a) with (a+1, a+1); further rounds roll the diagonal, so rounds 1..M-1
+      cover every ordered pair a != b of soft VCL exactly once.
+    * ``weights``: len(names) x J, term = sum_j weights[t, j] * v[j] over the concatenated
+      per-cell sums v = [CE sums (P), round sums ...]; the CE / KL scales (-1/N, T^2/N) are in it.
     """
-    idx = [((a + 1) % m) * (m + 1) if a == b else b * m + a for a in range(m) for b in range(m)]
-    with torch.inference_mode(False):
-        return torch.tensor(idx, dtype=torch.long, device=device)
+
+    def __init__(
+        self,
+        m: int,
+        full: bool,
+        needed: frozenset[str],
+        n: int,
+        T: float,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        p = m * m if full else m
+        cells = [(a, b) for a in range(m) for b in range(m)] if full else [(a, a) for a in range(m)]
+        diag = [i for i, (a, b) in enumerate(cells) if a == b]  # row of (a, a), a = 0..M-1
+        ce, kl = -1.0 / n, T * T / n  # the scale of every CE / KL cell sum
+        self.names = sorted(needed)
+        columns: list[dict[str, float]] = []  # one {term: weight} per entry of v
+        self.ce = bool({"vcl", "icl"} & needed)
+        if self.ce:
+            for a, b in cells:
+                term = "vcl" if a == b else "icl"
+                columns.append({term: ce} if term in needed else {})
+        rounds: list[tuple[list[int] | None, list[int]]] = []
+        first = 1
+        if "soft_icl" in needed:  # full grid: every cell in one round (its transposed pair)
+            teacher = [cells.index((b, a) if a != b else ((a + 1) % m,) * 2) for a, b in cells]
+            rounds.append((None, teacher))
+            for a, b in cells:
+                term = "soft_vcl" if a == b else "soft_icl"
+                columns.append({term: kl} if term in needed else {})
+            first = 2
+        if "soft_vcl" in needed:
+            for r in range(first, m):  # the diagonal rolled by r: student a, teacher a+r
+                students = None if not full else diag
+                rounds.append((students, [diag[(a + r) % m] for a in range(m)]))
+                columns += [{"soft_vcl": kl}] * m
+        self.p, self.T = p, T
+
+        def index(rows: list[int]) -> Tensor:
+            return torch.tensor(rows, dtype=torch.long, device=device)
+
+        weights = [[col.get(name, 0.0) for col in columns] for name in self.names]
+        # the backward's weights: d v / d x is -softmax(x) (+1 at column 0) for a CE sum and
+        # (softmax(x_s/T) - p_teacher) / T for a KL sum; the sign and the 1/T go in here
+        n_ce = p if self.ce else 0
+        grad_weights = [[-w for w in row[:n_ce]] + [w / T for w in row[n_ce:]] for row in weights]
+        with torch.inference_mode(False):  # cached tensors must be usable outside it too
+            self.rounds = [(None if s is None else index(s), index(t)) for s, t in rounds]
+            self.weights = torch.tensor(weights, dtype=dtype, device=device)  # names x J
+            self.grad_weights = torch.tensor(grad_weights, dtype=dtype, device=device)
 
 
 @functools.lru_cache(maxsize=64)
-def _weight_matrix(
-    rows: tuple[tuple[float, ...], ...], device: torch.device, dtype: torch.dtype
-) -> Tensor:
-    """The constant weights of ``_weighted_sums``, made (and copied to the device) once."""
-    with torch.inference_mode(False):
-        return torch.tensor(rows, dtype=dtype, device=device)
+def _term_plan(
+    m: int,
+    full: bool,
+    needed: frozenset[str],
+    n: int,
+    T: float,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> _TermPlan:
+    return _TermPlan(m, full, needed, n, T, device, dtype)
 
 
-def _weighted_sums(pieces: list[tuple[Tensor, dict[str, list[float]]]]) -> dict[str, Tensor]:
-    """term = sum_j w_term[j] * v[j] over the concatenated per-cell vectors ``v``.
+class _CellTermsFn(torch.autograd.Function):
+    """All needed MCL terms of the stacked cells in one autograd node, backward in closed form.
 
-    pieces: (vector, {term: one weight per entry}). Why a constant weight matrix: picking the
-    diagonal / off-diagonal cells with slices costs, per term, a slice, a sum and a scale, and
-    on a GPU two more kernels per slice in the backward; this is one cat, one mul and one sum
-    (and their backward) for all terms together. Exact: elementwise products, no matmul (TF32).
+    x: PxNxL logits (upcast) -> len(plan.names) term values. Why a custom node: with autograd
+    every elementwise step (log-softmax, the teacher gather, exp, the KL products, the sums) is
+    an op twice, forward and backward, and on a CPU each new PxNxL buffer (32 MiB at M = 2,
+    K = 65536) is also page faults. The gradients have a closed form instead:
+        d CE(s, 0) / ds                    = softmax(s) - e_0
+        d KL(p_t || softmax(s/T)) / ds     = (softmax(s/T) - p_t) / T   (teacher t held constant)
+    so the forward keeps softmax(x) and, per KL round, softmax(x_s/T) - p_t, and the backward is
+    two fused multiply-adds on them. The teacher's "detach" is this formula: a teacher cell
+    gets gradient only as a student of its own pairs, never through its teacher role.
     """
-    names = sorted({name for _, weights in pieces for name in weights})
-    v = torch.cat([vec for vec, _ in pieces]) if len(pieces) > 1 else pieces[0][0]  # J
-    rows = tuple(
-        tuple(w for vec, weights in pieces for w in weights.get(name, [0.0] * vec.shape[0]))
-        for name in names
-    )
-    w = _weight_matrix(rows, v.device, v.dtype)  # len(names) x J
-    return dict(zip(names, (v * w).sum(dim=1).unbind(0), strict=True))
+
+    @staticmethod
+    def forward(ctx, x: Tensor, plan: _TermPlan) -> Tensor:
+        grad_needed = ctx.needs_input_grad[0]
+        v: Tensor | None = None  # J: the per-cell sums, accumulated over row chunks
+        saved: list[Tensor] = []  # per chunk: [softmax(x)], then one diff per KL round
+        for rows in _row_chunks(x):
+            v_c, saved_c = _chunk_forward(x[:, rows], plan, grad_needed)
+            v = v_c if v is None else v.add_(v_c)
+            saved += saved_c
+        ctx.plan, ctx.shape = plan, x.shape
+        if grad_needed:
+            ctx.save_for_backward(*saved)
+        # weighted sums as elementwise products, not a matmul (TF32 on a GPU would round them)
+        return (v * plan.weights).sum(dim=1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_terms: Tensor) -> tuple[Tensor | None, None]:
+        plan = ctx.plan
+        saved = list(ctx.saved_tensors)
+        # J: d loss / d v, times the sign (CE) or 1/T (KL) of d v / d x (see grad_weights)
+        coef = (grad_terms.unsqueeze(1) * plan.grad_weights).sum(dim=0)
+        per_chunk = int(plan.ce) + len(plan.rounds)
+        first_sets_all = plan.ce or plan.rounds[0][0] is None  # else grad must start at 0
+        grad = saved[0].new_empty(ctx.shape) if first_sets_all else saved[0].new_zeros(ctx.shape)
+        for i, rows in enumerate(_row_chunks(grad)):
+            _chunk_backward(grad[:, rows], coef, plan, saved[i * per_chunk : (i + 1) * per_chunk])
+        return grad, None
+
+
+# Row chunks on a CPU: every PxnxL temporary stays under glibc's largest mmap threshold (32 MiB),
+# so a freed one is reused from the heap instead of being unmapped and page-faulted in again
+# on the next step (a whole M = 2, K = 65536, N = 32 block is 32 MiB + 512 B). A GPU's caching
+# allocator has no such cost and one chunk means fewer kernels there.
+_CPU_CHUNK_BYTES = 8 << 20
+
+
+def _row_chunks(x: Tensor) -> list[slice]:
+    """Slices of dim 1 (the batch rows) of a PxNxL tensor, one for the whole batch off-CPU."""
+    p, n, width = x.shape
+    row_bytes = p * width * x.element_size()
+    step = n if x.device.type != "cpu" else max(1, _CPU_CHUNK_BYTES // row_bytes)
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def _chunk_forward(x: Tensor, plan: _TermPlan, grad_needed: bool) -> tuple[Tensor, list[Tensor]]:
+    """Per-cell sums over these rows (J) and what the backward needs of them.
+
+    x: PxnxL, a row chunk of the cells. The rows are independent (each softmax is per row), so
+    chunks just add up.
+    """
+    pieces: list[Tensor] = []
+    saved: list[Tensor] = []
+    if plan.ce:
+        log_p1 = F.log_softmax(x, dim=2)  # PxnxL
+        pieces.append(log_p1[:, :, 0].sum(dim=1))  # P: sum_i log softmax(s_i)_0
+        if grad_needed:
+            saved.append(log_p1.exp_())  # softmax(x), in place: log_p1 is not needed again
+    if plan.rounds:
+        log_pt = F.log_softmax(x / plan.T, dim=2)  # PxnxL
+        p_t = log_pt.exp()  # PxnxL
+        for students, teachers in plan.rounds:
+            log_s = log_pt if students is None else log_pt.index_select(0, students)
+            p_teacher = p_t.index_select(0, teachers)  # RxnxL
+            # p_t * (log p_t - log p_s) elementwise, not as a difference of two sums: the
+            # (often small) KL is not lost to cancellation in fp32
+            kl = log_pt.index_select(0, teachers).sub_(log_s).mul_(p_teacher)  # RxnxL
+            pieces.append(kl.sum(dim=(1, 2)))  # R
+            if grad_needed:  # softmax(x_s / T) - p_teacher, in place on p_teacher
+                p_s = p_t if students is None else p_t.index_select(0, students)
+                saved.append(torch.sub(p_s, p_teacher, out=p_teacher))
+    return (torch.cat(pieces) if len(pieces) > 1 else pieces[0]), saved
+
+
+def _chunk_backward(grad: Tensor, coef: Tensor, plan: _TermPlan, saved: list[Tensor]) -> None:
+    """Writes d loss / d x for one row chunk into ``grad`` (a PxnxL view of the full gradient).
+
+    coef: J, d loss / d v already multiplied by d v / d x's sign (CE) or 1/T (KL); the saved
+    softmax(x) and softmax(x_s/T) - p_teacher are left untouched (a retained graph may need them
+    for a second backward).
+    """
+    at = 0
+    if plan.ce:  # d v_p / d x_p = sum over rows of (e_0 - softmax(x_p))
+        soft1, *saved = saved
+        c = coef[: plan.p].view(-1, 1, 1)  # Px1x1, already negated
+        torch.mul(soft1, c, out=grad)
+        grad[:, :, 0].sub_(c.view(-1, 1))
+        at = plan.p
+    for k, ((students, _), diff) in enumerate(zip(plan.rounds, saved, strict=True)):
+        d = coef[at : at + diff.shape[0]].view(-1, 1, 1)  # Rx1x1, T^2/N and 1/T included
+        at += diff.shape[0]
+        if students is not None:  # only some cells (the diagonal): scatter-add
+            grad.index_add_(0, students, diff * d)
+        elif plan.ce or k > 0:
+            grad.addcmul_(diff, d)
+        else:  # the first contribution: every cell, written rather than added
+            torch.mul(diff, d, out=grad)
 
 
 def _cell_terms(x: Tensor, m: int, T: float, needed: set[str], full: bool) -> dict[str, Tensor]:
-    """The needed terms from the stacked cells, each op run once for the whole cohort.
+    """The needed terms from the stacked cells, in one fused autograd node.
 
     x: (M*M)xNxL row-major pairs (``full``) or MxNxL diagonal cells, already upcast.
-    CE of a cell = -mean_i log_softmax(s_i)_0; the KL terms use log_softmax(s/T), computed once
-    per cell and used both as student (with grad) and, detached, as teacher.
     """
-    n = x.shape[1]
-    # the cells s(a->a): a strided view of a full grid (x itself otherwise: a no-op slice
-    # would still cost a zero-filled buffer in the backward)
-    diag_x = x[:: m + 1] if full else x
-    ce, kl = -1.0 / n, T * T / n  # the scale of every CE / KL cell sum
-    on_diag = [a == b for a in range(m) for b in range(m)]  # row-major cells of a full grid
-    pieces: list[tuple[Tensor, dict[str, list[float]]]] = []
-    if "vcl" in needed or "icl" in needed:
-        if "icl" in needed:  # every cell
-            weights = {"icl": [0.0 if d else ce for d in on_diag]}
-            if "vcl" in needed:
-                weights["vcl"] = [ce if d else 0.0 for d in on_diag]
-            pieces.append((F.log_softmax(x, dim=2)[:, :, 0].sum(dim=1), weights))  # M*M
-        else:  # the diagonal only
-            pieces.append((F.log_softmax(diag_x, dim=2)[:, :, 0].sum(dim=1), {"vcl": [ce] * m}))
-    if "soft_vcl" in needed or "soft_icl" in needed:
-        if "soft_icl" in needed:  # one gather pairs every cell with its teacher (M=2: all pairs)
-            log_p = F.log_softmax(x / T, dim=2)  # (M*M)xNxL
-            teacher = log_p.detach().index_select(0, _round1_teacher_index(m, x.device))
-            weights = {"soft_icl": [0.0 if d else kl for d in on_diag]}
-            if "soft_vcl" in needed:
-                weights["soft_vcl"] = [kl if d else 0.0 for d in on_diag]
-            pieces.append((_kl_cells(log_p, teacher), weights))  # M*M
-            log_p_diag, first = log_p[:: m + 1], 2
-        else:
-            log_p_diag, first = F.log_softmax(diag_x / T, dim=2), 1  # MxNxL
-        if "soft_vcl" in needed:  # the rounds the gather did not cover (all without soft_icl)
-            pieces += [(v, {"soft_vcl": [kl] * m}) for v in _soft_vcl_rounds(log_p_diag, first)]
-    return _weighted_sums(pieces)
+    plan = _term_plan(m, full, frozenset(needed), x.shape[1], float(T), x.device, x.dtype)
+    return dict(zip(plan.names, _CellTermsFn.apply(x, plan).unbind(0), strict=True))
 
 
 def _check_needed(needed: Iterable[str] | None) -> set[str]:
