@@ -174,19 +174,24 @@ def make_inputs(m: int, n: int, c: int, k: int, device: torch.device, separate: 
     return [q.requires_grad_() for q in qs], ks, queues
 
 
+def loss_forward(impl: str, inputs, tau: float, weights: dict[str, float]) -> Tensor:
+    """The MCL loss (logits + terms + weighted sum) of one implementation, forward only."""
+    cohort_logits, mcl_loss_terms, combine = IMPLS[impl]
+    qs, ks, queues = inputs
+    needed = L.needed_terms(weights)
+    grid = cohort_logits(qs, ks, queues, tau, cross=L.needs_cross(needed))
+    return combine(mcl_loss_terms(grid, T=3.0, needed=needed), weights)
+
+
 def make_loss_step(
     impl: str, inputs, tau: float, weights: dict[str, float]
 ) -> Callable[[], Tensor]:
     """One MCL loss forward + backward from fixed embeddings (the encoders are not included)."""
-    cohort_logits, mcl_loss_terms, combine = IMPLS[impl]
-    qs, ks, queues = inputs
 
     def step() -> Tensor:
-        for q in qs:
+        for q in inputs[0]:
             q.grad = None
-        needed = L.needed_terms(weights)
-        grid = cohort_logits(qs, ks, queues, tau, cross=L.needs_cross(needed))
-        loss = combine(mcl_loss_terms(grid, T=3.0, needed=needed), weights)
+        loss = loss_forward(impl, inputs, tau, weights)
         loss.backward()
         return loss.detach()
 
@@ -246,11 +251,7 @@ def count_ops(step: Callable[[], Tensor]) -> int:
 def count_autograd_nodes(impl: str, inputs, tau: float, weights: dict[str, float]) -> int:
     """Nodes of the loss's autograd graph (AccumulateGrad leaves included): each costs host
     time on every step in the forward (recording) and in the backward (running it)."""
-    cohort_logits, mcl_loss_terms, combine = IMPLS[impl]
-    qs, ks, queues = inputs
-    needed = L.needed_terms(weights)
-    grid = cohort_logits(qs, ks, queues, tau, cross=L.needs_cross(needed))
-    loss = combine(mcl_loss_terms(grid, T=3.0, needed=needed), weights)
+    loss = loss_forward(impl, inputs, tau, weights)
     seen, todo = set(), [loss.grad_fn]
     while todo:
         node = todo.pop()

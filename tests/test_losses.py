@@ -693,3 +693,20 @@ def test_row_chunks_give_the_whole_batch_result(monkeypatch, m, cross, needed):
         assert chunk_terms[name].item() == pytest.approx(value.item(), rel=1e-12), name
     for a, b in zip(whole_grads, chunk_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_soft_vcl_alone_on_a_full_grid_scatters_into_a_zeroed_gradient():
+    """Only diagonal students and no CE: the off-diagonal cells get exactly zero gradient."""
+    grid = leaf_grid(3, 4, 6, seed=170)
+    x = torch.stack([cell for row in grid for cell in row])  # 9xNxL, row-major pairs
+    got = L._cell_terms(x, 3, 2.0, {"soft_vcl"}, full=True)["soft_vcl"]
+    want = per_pair_terms(grid, 2.0)["soft_vcl"]
+    assert got.item() == pytest.approx(want.item(), rel=1e-12)
+    leaves = [cell for row in grid for cell in row]
+    g_got = torch.autograd.grad(got, leaves)
+    g_want = torch.autograd.grad(want, leaves, allow_unused=True)
+    for i, (a, b) in enumerate(zip(g_got, g_want, strict=True)):
+        if i % 4:  # off the diagonal of the 3x3 grid
+            assert b is None and torch.equal(a, torch.zeros_like(a))
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

@@ -284,17 +284,9 @@ class _TermPlan:
             self.grad_weights = torch.tensor(grad_weights, dtype=dtype, device=device)
 
 
-@functools.lru_cache(maxsize=64)
-def _term_plan(
-    m: int,
-    full: bool,
-    needed: frozenset[str],
-    n: int,
-    T: float,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> _TermPlan:
-    return _TermPlan(m, full, needed, n, T, device, dtype)
+# one plan per (M, grid kind, needed terms, N, T, device, dtype): built once, its index and weight
+# tensors copied to the device once
+_term_plan = functools.lru_cache(maxsize=64)(_TermPlan)
 
 
 class _CellTermsFn(torch.autograd.Function):
@@ -334,8 +326,7 @@ class _CellTermsFn(torch.autograd.Function):
         # J: d loss / d v, times the sign (CE) or 1/T (KL) of d v / d x (see grad_weights)
         coef = (grad_terms.unsqueeze(1) * plan.grad_weights).sum(dim=0)
         per_chunk = int(plan.ce) + len(plan.rounds)
-        first_sets_all = plan.ce or plan.rounds[0][0] is None  # else grad must start at 0
-        grad = saved[0].new_empty(ctx.shape) if first_sets_all else saved[0].new_zeros(ctx.shape)
+        grad = saved[0].new_empty(ctx.shape)  # every chunk's first contribution overwrites it
         for i, rows in enumerate(_row_chunks(grad)):
             _chunk_backward(grad[:, rows], coef, plan, saved[i * per_chunk : (i + 1) * per_chunk])
         return grad, None
@@ -392,22 +383,25 @@ def _chunk_backward(grad: Tensor, coef: Tensor, plan: _TermPlan, saved: list[Ten
     softmax(x) and softmax(x_s/T) - p_teacher are left untouched (a retained graph may need them
     for a second backward).
     """
-    at = 0
+    at, written = 0, False  # ``grad`` arrives uninitialised: the first contribution writes it
     if plan.ce:  # d v_p / d x_p = sum over rows of (e_0 - softmax(x_p))
         soft1, *saved = saved
         c = coef[: plan.p].view(-1, 1, 1)  # Px1x1, already negated
         torch.mul(soft1, c, out=grad)
         grad[:, :, 0].sub_(c.view(-1, 1))
-        at = plan.p
-    for k, ((students, _), diff) in enumerate(zip(plan.rounds, saved, strict=True)):
+        at, written = plan.p, True
+    for (students, _), diff in zip(plan.rounds, saved, strict=True):
         d = coef[at : at + diff.shape[0]].view(-1, 1, 1)  # Rx1x1, T^2/N and 1/T included
         at += diff.shape[0]
         if students is not None:  # only some cells (the diagonal): scatter-add
+            if not written:
+                grad.zero_()
             grad.index_add_(0, students, diff * d)
-        elif plan.ce or k > 0:
+        elif written:
             grad.addcmul_(diff, d)
-        else:  # the first contribution: every cell, written rather than added
+        else:  # every cell, written rather than added
             torch.mul(diff, d, out=grad)
+        written = True
 
 
 def _cell_terms(x: Tensor, m: int, T: float, needed: set[str], full: bool) -> dict[str, Tensor]:
