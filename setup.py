@@ -26,6 +26,7 @@ setup(
         "tqdm",
         "termcolor",
         "tabulate",
+        "scipy>=1.11",
         "cloudpickle",
         "omegaconf>=2.1",
         "hydra-core>=1.1",

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from mcl_det.report import build_report, group_name, main, render
-from mcl_det.report.tables import delta, load_reference, mean_std
+from mcl_det.report.stats import PAIRED, WELCH, compare, mean_std
+from mcl_det.report.tables import load_reference
 from mcl_det.utils.errors import MCLDetError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,16 +125,119 @@ def test_mean_std_single_and_nan():
     assert mean_std([float("nan")]) is None
 
 
-def test_delta_and_spread_rule():
-    base, g = mean_std([50.0, 51.0, 52.0]), mean_std([53.0, 54.0, 55.0])
-    d = delta(g, base)  # +3.0 vs spread 1.0 + 1.0
-    assert d.value == pytest.approx(3.0) and d.exceeds is True
-    d = delta(mean_std([30.0, 31.0, 32.0]), mean_std([30.0, 30.5, 31.0]))  # +0.5 vs 1.5
-    assert d.value == pytest.approx(0.5) and d.exceeds is False
-    d = delta(mean_std([51.5, 52.5, 53.5]), base)  # 1.5 > each std (1.0) but < their sum
-    assert d.value == pytest.approx(1.5) and d.exceeds is False
-    d = delta(mean_std([52.0]), base)  # n=1: spread unknown
-    assert d.value == pytest.approx(1.0) and d.exceeds is None
+# ----------------------------------------------------------------------------- paired / Welch tests
+
+
+def t_density(x: float, df: float) -> float:
+    c = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2))
+    return c * (1 + x * x / df) ** (-(df + 1) / 2)
+
+
+def t_central(t: float, df: float, steps: int = 4000) -> float:
+    """P(|T| < t) for Student's t with ``df`` degrees of freedom: Simpson's rule on the density."""
+    h = t / steps
+    acc = t_density(0.0, df) + t_density(t, df)
+    for i in range(1, steps):
+        acc += (4 if i % 2 else 2) * t_density(i * h, df)
+    return 2 * acc * h / 3
+
+
+def t_quantile_975(df: float) -> float:
+    lo, hi = 0.0, 100.0
+    for _ in range(60):  # bisection on P(|T| < q) = 0.95
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_central(mid, df) < 0.95 else (lo, mid)
+    return (lo + hi) / 2
+
+
+def by_hand(diff_mean: float, se: float, df: float) -> tuple[float, float, float]:
+    """95 % interval and two-sided p of a t statistic, from the density above."""
+    q = t_quantile_975(df)
+    return diff_mean - q * se, diff_mean + q * se, 1 - t_central(abs(diff_mean / se), df)
+
+
+def test_t_helpers_match_closed_form_df2():
+    # df = 2 has a closed form: P(|T| < t) = t / sqrt(2 + t^2), q(0.975) = 0.95 / sqrt(0.04875)
+    assert t_quantile_975(2) == pytest.approx(0.95 / math.sqrt(2 * 0.975 * 0.025), abs=1e-7)
+    assert t_central(1.5, 2) == pytest.approx(1.5 / math.sqrt(2 + 1.5**2), abs=1e-9)
+
+
+def test_paired_t_by_hand():
+    # three pairs, differences 0, 0.5, 1: mean 0.5, sd 0.5, se 0.5/sqrt(3), t = sqrt(3), df 2
+    d = compare([(0, 30.0), (1, 31.0), (2, 32.0)], [(0, 30.0), (1, 30.5), (2, 31.0)])
+    assert (d.test, d.n_group, d.n_baseline, d.df) == (PAIRED, 3, 3, 2)
+    q = 0.95 / math.sqrt(2 * 0.975 * 0.025)  # t_{0.975, 2} = 4.3027
+    se = 0.5 / math.sqrt(3)
+    assert d.value == pytest.approx(0.5)
+    assert d.ci == pytest.approx((0.5 - q * se, 0.5 + q * se), abs=1e-9)
+    assert d.p == pytest.approx(1 - math.sqrt(3) / math.sqrt(5), abs=1e-9)  # 0.2254
+    # differences -1, -1, -0.4: mean -0.8, sd sqrt(0.12), se 0.2, t = -4
+    d = compare([(0, 24.0), (1, 24.0), (2, 24.6)], [(0, 25.0), (1, 25.0), (2, 25.0)])
+    assert d.ci == pytest.approx((-0.8 - 0.2 * q, -0.8 + 0.2 * q), abs=1e-9)
+    assert d.p == pytest.approx(1 - 4 / math.sqrt(18), abs=1e-9)  # 0.0572
+
+
+def test_paired_pairs_by_seed_not_by_position():
+    # four pairs (df 3, no closed form: the density integrated above)
+    g = [(3, 2.0), (0, 5.5), (2, 4.0), (1, 1.0)]
+    b = [(0, 4.0), (1, 1.5), (2, 2.5), (3, 1.0)]
+    diffs = [1.5, -0.5, 1.5, 1.0]  # per seed 0..3
+    m, sd = loop_mean_std(diffs)
+    d = compare(g, b)
+    lo, hi, p = by_hand(m, sd / 2, 3)
+    assert d.test == PAIRED and d.n_group == 4
+    assert d.value == pytest.approx(m)
+    assert d.ci == pytest.approx((lo, hi), abs=1e-6) and d.p == pytest.approx(p, abs=1e-7)
+
+
+def test_welch_by_hand():
+    # mismatched seeds: independent samples. Equal n and variances give df = 2(n-1) = 2
+    d = compare([(0, 4.0), (1, 6.0)], [(2, 1.0), (3, 3.0)])
+    q = 0.95 / math.sqrt(2 * 0.975 * 0.025)
+    se = math.sqrt(2 / 2 + 2 / 2)
+    assert (d.test, d.n_group, d.n_baseline) == (WELCH, 2, 2)
+    assert d.df == pytest.approx(2.0)
+    assert d.ci == pytest.approx((3 - q * se, 3 + q * se), abs=1e-9)
+    t = 3 / se
+    assert d.p == pytest.approx(1 - t / math.sqrt(2 + t * t), abs=1e-9)  # 0.1679
+    # unequal n: Welch-Satterthwaite df = (v1 + v2)^2 / (v1^2/(n1-1) + v2^2/(n2-1)), v = s^2/n
+    g, b = [4.0, 6.0, 7.0], [1.0, 3.0]
+    (mg, sg), (mb, sb) = loop_mean_std(g), loop_mean_std(b)
+    v1, v2 = sg**2 / 3, sb**2 / 2
+    df = (v1 + v2) ** 2 / (v1**2 / 2 + v2**2 / 1)
+    d = compare(list(enumerate(g)), list(enumerate(b)))
+    lo, hi, p = by_hand(mg - mb, math.sqrt(v1 + v2), df)
+    assert d.test == WELCH and (d.n_group, d.n_baseline) == (3, 2)
+    assert d.df == pytest.approx(df, abs=1e-9)
+    assert d.ci == pytest.approx((lo, hi), abs=1e-6) and d.p == pytest.approx(p, abs=1e-7)
+
+
+@pytest.mark.parametrize(
+    "group, base",
+    [
+        ([(0, 4.0), (1, 6.0)], [(0, 1.0), (2, 3.0)]),  # seeds overlap only in part
+        ([(0, 4.0), (0, 6.0)], [(0, 1.0), (1, 3.0)]),  # a repeated seed
+        ([(None, 4.0), (None, 6.0)], [(None, 1.0), (None, 3.0)]),  # seeds unknown
+        ([(0, 4.0), (1, 6.0), (2, float("nan"))], [(0, 1.0), (1, 3.0), (2, 2.0)]),  # NaN: no pair
+    ],
+)
+def test_mismatched_seeds_use_welch(group, base):
+    d = compare(group, base)
+    welch = compare([(0, 4.0), (1, 6.0)], [(10, v) for _, v in base if not math.isnan(v)])
+    assert d.test == WELCH
+    assert (d.df, d.ci, d.p) == (welch.df, welch.ci, welch.p)
+
+
+def test_no_test_cases():
+    d = compare([(0, 52.0)], [(0, 50.0)])  # one pair
+    assert (d.value, d.test, d.n_group, d.ci, d.p, d.no_test) == (2.0, None, 1, None, None, "n=1")
+    d = compare([(3, 52.0)], [(0, 50.0), (1, 51.0), (2, 52.0)])  # one trial against three
+    assert (d.value, d.test, d.no_test) == (1.0, None, "n=1 vs 3")
+    d = compare([(0, 53.0), (1, 54.0)], [(0, 50.0), (1, 51.0)])  # identical differences
+    assert d.test is None and d.value == 3.0 and "no spread" in d.no_test
+    d = compare([(0, 5.0), (1, 5.0)], [(2, 1.0), (3, 1.0)])
+    assert d.test is None and "no spread" in d.no_test
+    assert compare([(0, float("nan"))], [(0, 1.0)]) is None
 
 
 # ----------------------------------------------------------------------------- exact tables
@@ -143,24 +247,48 @@ CELLS = (
     "(n=1): a single trial, no spread."
 )
 DELTA = (
-    "Δ: group mean minus the mean of the baseline 'baseline'. * marks |Δ| > std(group) + "
-    "std(baseline): the difference exceeds the trials' spread (a rough check, not a significance "
-    "test; impossible with n=1)."
+    "Δ: group mean minus the mean of the baseline 'baseline', then its 95% confidence interval "
+    "[low, high] (t distribution) and the two-sided p-value: a paired t-test on the per-seed "
+    "differences when the group and the baseline have the same seeds, else Welch's t-test; no "
+    "test with n=1."
 )
+TESTS = [
+    "mcl vs baseline: no test for AP50 (the per-seed differences have no spread); paired t-test "
+    "for AP, AP75, n=3 pairs.",
+    "voc_r18_other vs baseline: no test (n=1 vs 3).",
+]
 TITLE = f"VOC voc_2007_test · {DET}"
 
+# paired t, df 2 (test_paired_t_by_hand): AP +0.5 [-0.74, +1.74] p=0.225, AP75 -0.8 [-1.66,
+# +0.06] p=0.057; AP50's differences are all +3 (no spread, no test); the single run: no test
+TABLE = (
+    "| weights       |   n |       AP50 |   Δ AP50 |         AP |                     Δ AP "
+    "|       AP75 |                   Δ AP75 |\n"
+    "|:--------------|----:|-----------:|---------:|-----------:|-------------------------:"
+    "|-----------:|-------------------------:|\n"
+    "| baseline      |   3 | 51.0 ± 1.0 |          | 30.5 ± 0.5 |                          "
+    "| 25.0 ± 0.0 |                          |\n"
+    "| mcl           |   3 | 54.0 ± 1.0 |     +3.0 | 31.0 ± 1.0 | +0.5 [−0.7, +1.7] p=0.23 "
+    "| 24.2 ± 0.3 | −0.8 [−1.7, +0.1] p=0.06 |\n"
+    "| voc_r18_other |   1 | 52.0 (n=1) |     +1.0 | 29.0 (n=1) |                     −1.5 "
+    "| 26.0 (n=1) |                     +1.0 |"
+)
 EXPECTED_MD = f"""\
 **{TITLE} (bbox)**
 
-| weights | n | AP50 | Δ AP50 | AP | Δ AP | AP75 | Δ AP75 |
-| :-- | --: | --: | --: | --: | --: | --: | --: |
-| baseline | 3 | 51.0 ± 1.0 |  | 30.5 ± 0.5 |  | 25.0 ± 0.0 |  |
-| mcl | 3 | 54.0 ± 1.0 | +3.0* | 31.0 ± 1.0 | +0.5 | 24.2 ± 0.3 | −0.8* |
-| voc_r18_other | 1 | 52.0 (n=1) | +1.0 | 29.0 (n=1) | −1.5 | 26.0 (n=1) | +1.0 |
+{TABLE}
 
 - {CELLS}
 - {DELTA}
+- {TESTS[0]}
+- {TESTS[1]}
 """
+
+
+def md_rows(text: str) -> list[list[str]]:
+    """The cells of every markdown table row in ``text`` (layout whitespace stripped)."""
+    lines = [x for x in text.splitlines() if x.startswith("|")]
+    return [[c.strip() for c in x.strip("|").split("|")] for x in lines]
 
 
 def test_markdown_exact(runs):
@@ -171,22 +299,24 @@ def test_csv_exact(runs):
     head = "detection,voc,voc_2007_test," + DET + ",bbox,"
     expected = (
         "table,task,dataset_test,detector,iou_type,group,published,n,metric,mean,std,delta,"
-        "exceeds_spread,baseline\n"
-        f"{head}baseline,0,3,AP50,51.0000,1.0000,,,baseline\n"
-        f"{head}baseline,0,3,AP,30.5000,0.5000,,,baseline\n"
-        f"{head}baseline,0,3,AP75,25.0000,0.0000,,,baseline\n"
-        f"{head}mcl,0,3,AP50,54.0000,1.0000,3.0000,1,baseline\n"
-        f"{head}mcl,0,3,AP,31.0000,1.0000,0.5000,0,baseline\n"
-        f"{head}mcl,0,3,AP75,24.2000,0.3464,-0.8000,1,baseline\n"
-        f"{head}voc_r18_other,0,1,AP50,52.0000,,1.0000,,baseline\n"
-        f"{head}voc_r18_other,0,1,AP,29.0000,,-1.5000,,baseline\n"
-        f"{head}voc_r18_other,0,1,AP75,26.0000,,1.0000,,baseline\n"
+        "ci_low,ci_high,p,test,baseline\n"
+        f"{head}baseline,0,3,AP50,51.0000,1.0000,,,,,,baseline\n"
+        f"{head}baseline,0,3,AP,30.5000,0.5000,,,,,,baseline\n"
+        f"{head}baseline,0,3,AP75,25.0000,0.0000,,,,,,baseline\n"
+        f"{head}mcl,0,3,AP50,54.0000,1.0000,3.0000,,,,none,baseline\n"
+        f"{head}mcl,0,3,AP,31.0000,1.0000,0.5000,-0.7421,1.7421,0.2254,paired_t,baseline\n"
+        f"{head}mcl,0,3,AP75,24.2000,0.3464,-0.8000,-1.6605,0.0605,0.05719,paired_t,baseline\n"
+        f"{head}voc_r18_other,0,1,AP50,52.0000,,1.0000,,,,none,baseline\n"
+        f"{head}voc_r18_other,0,1,AP,29.0000,,-1.5000,,,,none,baseline\n"
+        f"{head}voc_r18_other,0,1,AP75,26.0000,,1.0000,,,,none,baseline\n"
     )
     assert report_text([runs], "csv") == expected
 
 
 def test_latex_exact(runs):
     title = TITLE.replace("_", r"\_").replace("·", "--")
+    notes = " \\par ".join([CELLS, DELTA, *TESTS]).replace("_", "\\_").replace("%", "\\%")
+    notes = notes.replace("±", "$\\pm$").replace("Δ", "$\\Delta$")
     expected = (
         "% generated by tools/report.py (mcl_det); needs \\usepackage{booktabs}\n"
         "\\begin{table}[t]\n\\centering\n"
@@ -194,28 +324,52 @@ def test_latex_exact(runs):
         "\\begin{tabular}{lrrrrrrr}\n\\toprule\n"
         "weights & n & AP50 & $\\Delta$ AP50 & AP & $\\Delta$ AP & AP75 & $\\Delta$ AP75 \\\\\n"
         "\\midrule\n"
-        "baseline & 3 & 51.0 $\\pm$ 1.0 &  & 30.5 $\\pm$ 0.5 &  & 25.0 $\\pm$ 0.0 &  \\\\\n"
-        "mcl & 3 & 54.0 $\\pm$ 1.0 & +3.0$^*$ & 31.0 $\\pm$ 1.0 & +0.5 & 24.2 $\\pm$ 0.3 "
-        "& $-$0.8$^*$ \\\\\n"
+        "baseline & 3 & 51.0 $\\pm$ 1.0 & & 30.5 $\\pm$ 0.5 & & 25.0 $\\pm$ 0.0 & \\\\\n"
+        "mcl & 3 & 54.0 $\\pm$ 1.0 & +3.0 & 31.0 $\\pm$ 1.0 & +0.5 [$-$0.7, +1.7] p=0.23 "
+        "& 24.2 $\\pm$ 0.3 & $-$0.8 [$-$1.7, +0.1] p=0.06 \\\\\n"
         "voc\\_r18\\_other & 1 & 52.0 (n=1) & +1.0 & 29.0 (n=1) & $-$1.5 & 26.0 (n=1) & +1.0 \\\\\n"
         "\\bottomrule\n\\end{tabular}\n"
-        "\\par\\smallskip{\\footnotesize Cells: mean $\\pm$ sample std (ddof=1) over the n trials "
-        "(seeds) of a group; (n=1): a single trial, no spread. \\par $\\Delta$: group mean minus "
-        "the mean of the baseline 'baseline'. $^*$ marks $|$$\\Delta$$|$ $>$ std(group) + "
-        "std(baseline): the difference exceeds the trials' spread (a rough check, not a "
-        "significance test; impossible with n=1).}\n"
+        f"\\par\\smallskip{{\\footnotesize {notes}}}\n"
         "\\end{table}\n"
     )
-    assert report_text([runs], "latex") == expected
+    got = report_text([runs], "latex")
+    # tabulate pads cells to align the columns of the source; LaTeX ignores those blanks
+    assert "\n".join(" ".join(x.split()) for x in got.split("\n")) == expected
+
+
+def no_test(delta: float, n_group: int, n_base: int, why: str) -> dict:
+    return {
+        "delta": delta,
+        "test": None,
+        "n_group": n_group,
+        "n_baseline": n_base,
+        "df": None,
+        "ci95": None,
+        "p": None,
+        "no_test": why,
+    }
+
+
+def paired(delta: float, ci: tuple[float, float], p: float) -> dict:
+    return {
+        "delta": delta,
+        "test": "paired_t",
+        "n_group": 3,
+        "n_baseline": 3,
+        "df": 2.0,
+        "ci95": list(ci),
+        "p": p,
+        "no_test": None,
+    }
 
 
 def test_json_exact(runs):
     d = json.loads(report_text([runs], "json"))
-    assert d["format"] == "mcl_det.report/v1"
+    assert d["format"] == "mcl_det.report/v2"
     assert (d["pretraining"], d["warnings"], d["skipped"]) == ([], [], [])
     (sec,) = d["sections"]
     assert sec["baseline"] == "baseline" and sec["metrics"] == ["AP50", "AP", "AP75"]
-    assert sec["warnings"] == [] and sec["notes"] == [CELLS, DELTA]
+    assert sec["warnings"] == [] and sec["notes"] == [CELLS, DELTA, *TESTS]
     got = {g["name"]: (g["n"], g["stats"], g["deltas"]) for g in sec["groups"]}
     assert [g["name"] for g in sec["groups"]] == ["baseline", "mcl", "voc_r18_other"]
     assert got["baseline"] == (
@@ -235,12 +389,12 @@ def test_json_exact(runs):
             "AP75": {"mean": 24.2, "std": round(math.sqrt(0.12), 6), "n": 3},
         },
         {
-            "AP50": {"delta": 3.0, "exceeds_spread": True},
-            "AP": {"delta": 0.5, "exceeds_spread": False},
-            "AP75": {"delta": -0.8, "exceeds_spread": True},
+            "AP50": no_test(3.0, 3, 3, "the per-seed differences have no spread"),
+            "AP": paired(0.5, (-0.742069, 1.742069), 0.225403),
+            "AP75": paired(-0.8, (-1.660531, 0.060531), 0.057191),
         },
     )
-    assert got["voc_r18_other"][2]["AP"] == {"delta": -1.5, "exceeds_spread": None}
+    assert got["voc_r18_other"][2]["AP"] == no_test(-1.5, 1, 3, "n=1 vs 3")
     runs_of = [r["seed"] for r in sec["groups"][1]["runs"]]
     assert runs_of == [0, 1, 2]  # the three seeds are trials of one group
 
@@ -250,17 +404,31 @@ def test_per_class_table(runs):
     expected = f"""\
 **{TITLE} (bbox, per-class)**
 
-| class | baseline (n=3) | mcl (n=3) | Δ mcl |
-| :-- | --: | --: | --: |
-| cat | 52.0 ± 1.0 | 52.0 ± 1.0 | +0.0 |
+| class   |   baseline (n=3) |   mcl (n=3) |   Δ mcl |
+|:--------|-----------------:|------------:|--------:|
+| cat     |       52.0 ± 1.0 |  52.0 ± 1.0 |    +0.0 |
+
+- {CELLS}
+- {DELTA}
+- mcl vs baseline: no test (the per-seed differences have no spread).
 """
     assert expected in text
 
 
 def test_baseline_override_and_missing(runs):
     text = report_text([runs], baseline="mcl")
-    assert "| mcl | 3 | 54.0 ± 1.0 |  |" in text
-    assert "| baseline | 3 | 51.0 ± 1.0 | −3.0* |" in text
+    rows = md_rows(text)
+    assert rows[2][:4] == ["mcl", "3", "54.0 ± 1.0", ""]
+    assert rows[3] == [
+        "baseline",
+        "3",
+        "51.0 ± 1.0",
+        "−3.0",
+        "30.5 ± 0.5",
+        "−0.5 [−1.7, +0.7] p=0.23",
+        "25.0 ± 0.0",
+        "+0.8 [−0.1, +1.7] p=0.06",
+    ]  # the paired test against 'mcl': signs swap, interval mirrored, same p
     with pytest.raises(MCLDetError, match="not a run group"):
         build_report([str(runs)], baseline="nope")
     text = report_text([runs / "det_mcl", runs / "other"])
@@ -279,7 +447,7 @@ def test_reference_rows(runs):
         ("MoCo v2 800ep", {"AP50": 82.5, "AP": 57.4, "AP75": 64.0}),
     ]
     text = report_text([runs / "det_baseline"], reference=str(ref))
-    assert "| MoCo v2 800ep [published] | 5 | 82.5 |  | 57.4 |  | 64.0 |  |" in text
+    assert ["MoCo v2 800ep [published]", "5", "82.5", "", "57.4", "", "64.0", ""] in md_rows(text)
     assert "means of 5 trials from" in text
 
 
@@ -339,9 +507,21 @@ def test_coco_bbox_and_segm(tmp_path):
             metrics={"bbox": bbox, "segm": segm},
         )
     text = report_text([tmp_path])
-    assert "| weights | n | AP | Δ AP | AP50 | Δ AP50 | AP75 | Δ AP75 | APs | Δ APs |" in text
-    assert "| baseline | 2 | 41.0 ± 1.4 |  | 61.0 ± 1.4 |  | 43.0 ± 1.4 |  | – |" in text
-    assert "(segm)**" in text and "| baseline | 2 | 35.0 (n=1) |" in text
+    rows = md_rows(text)
+    header = ["weights", "n", "AP", "Δ AP", "AP50", "Δ AP50", "AP75", "Δ AP75", "APs", "Δ APs"]
+    assert rows[0][:10] == header
+    assert rows[2][:9] == [
+        "baseline",
+        "2",
+        "41.0 ± 1.4",
+        "",
+        "61.0 ± 1.4",
+        "",
+        "43.0 ± 1.4",
+        "",
+        "–",
+    ]
+    assert "(segm)**" in text and rows[5][:3] == ["baseline", "2", "35.0 (n=1)"]
 
 
 def write_log(path: Path, lines: list[dict], tail: str = "") -> None:
@@ -352,22 +532,29 @@ def write_log(path: Path, lines: list[dict], tail: str = "") -> None:
 def test_pretrain_summary(tmp_path):
     ev = [
         {"type": "train", "epoch": 1, "iteration": 5, "loss": 9.0},
-        {"type": "eval", "epoch": 1, "member_metrics": [{"name": "top1", "value": 20.0}] * 2,
-         "ensemble_top1": 30.0},
+        {
+            "type": "eval",
+            "epoch": 1,
+            "member_metrics": [{"name": "top1", "value": 20.0}] * 2,
+            "ensemble_top1": 30.0,
+        },
         {"type": "train", "epoch": 2, "iteration": 10, "loss": 7.5},
-        {"type": "eval", "epoch": 2, "member_metrics": [
-            {"name": "top1", "value": 25.0}, {"name": "top1", "value": 18.5}],
-         "ensemble_top1": 31.25},
-    ]  # fmt: skip
+        {
+            "type": "eval",
+            "epoch": 2,
+            "member_metrics": [{"name": "top1", "value": 25.0}, {"name": "top1", "value": 18.5}],
+            "ensemble_top1": 31.25,
+        },
+    ]
     write_log(tmp_path / "pre_sup" / "log.jsonl", ev, tail='{"type": "tra')  # killed mid-write
     rep, _ = build_report([str(tmp_path / "pre_sup")])
     assert rep.warnings and "partial last line" in rep.warnings[0]
     expected = """\
-| run | epoch | loss | member | metric | last | best (epoch) |
-| :-- | --: | --: | --: | --: | --: | --: |
-| pre_sup | 2 | 7.5 | 0 | top1 | 25.0 | 25.0 (2) |
-| pre_sup | 2 | 7.5 | 1 | top1 | 18.5 | 20.0 (1) |
-| pre_sup | 2 | 7.5 | ensemble | top1 | 31.2 | 31.2 (2) |
+| run     |   epoch |   loss |   member |   metric |   last |   best (epoch) |
+|:--------|--------:|-------:|---------:|---------:|-------:|---------------:|
+| pre_sup |       2 |    7.5 |        0 |     top1 |   25.0 |       25.0 (2) |
+| pre_sup |       2 |    7.5 |        1 |     top1 |   18.5 |       20.0 (1) |
+| pre_sup |       2 |    7.5 | ensemble |     top1 |   31.2 |       31.2 (2) |
 """
     assert expected in render(rep, "md")
 
@@ -383,8 +570,19 @@ def test_plot_and_curves_are_pngs(runs, tmp_path):
     write_log(runs / "det_mcl" / "seed0" / "metrics.json", lines)
     bars, curves = tmp_path / "figs" / "bars.png", tmp_path / "figs" / "curves.png"
     ref = str(ROOT / "tools/references/moco_voc07_r50_c4.yaml")
-    main([str(runs), "--plot", str(bars), "--curves", str(curves), "--reference", ref,
-          "--output", str(tmp_path / "t.md")])  # fmt: skip
+    main(
+        [
+            str(runs),
+            "--plot",
+            str(bars),
+            "--curves",
+            str(curves),
+            "--reference",
+            ref,
+            "--output",
+            str(tmp_path / "t.md"),
+        ]
+    )
     for p in (bars, curves):
         with Image.open(p) as im:
             im.verify()

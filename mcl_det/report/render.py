@@ -1,5 +1,6 @@
 """Render a ``Report`` as markdown (README-ready), CSV (one tidy row per cell), LaTeX (booktabs)
-or JSON. Markdown and LaTeX share one neutral text table; CSV and JSON keep numbers as numbers."""
+or JSON. Markdown and LaTeX share one neutral text table laid out by tabulate; CSV and JSON keep
+numbers as numbers."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .tables import Delta, Group, PretrainSummary, Section, Stat
+from tabulate import LATEX_ESCAPE_RULES, SEPARATING_LINE, tabulate
+
+from .stats import CONFIDENCE, PAIRED, WELCH, Delta, Stat
+from .tables import Group, PretrainSummary, Section
 
 MINUS = "\u2212"  # a real minus sign: "−1.2" reads better than "-1.2" in a table
 NONE = "\u2013"  # en dash for a missing value
-FORMATS = ("md", "csv", "latex", "json")
+JSON_FORMAT = "mcl_det.report/v2"
 
 
 @dataclass
@@ -35,6 +39,19 @@ def fmt_num(x: float, d: int) -> str:
     return s
 
 
+def fmt_signed(x: float, d: int) -> str:
+    """'+0.4', '−1.2'; a value that rounds to zero is '+0.0'."""
+    mag = f"{abs(x):.{d}f}"
+    return (MINUS if x < 0 and mag.strip("0.") else "+") + mag
+
+
+def fmt_p(p: float) -> str:
+    """Two decimals, three below 0.01, and 'p<0.001' below that."""
+    if p < 0.001:
+        return "p<0.001"
+    return f"p={p:.3f}" if p < 0.01 else f"p={p:.2f}"
+
+
 def fmt_stat(s: Stat | None, d: int, row_n: int, published: bool = False) -> str:
     """'55.9 ± 0.3'; '55.9 (n=1)' for a single trial; '(n=k)' also when NaNs left k < row n."""
     if s is None:
@@ -48,12 +65,15 @@ def fmt_stat(s: Stat | None, d: int, row_n: int, published: bool = False) -> str
 
 
 def fmt_delta(dl: Delta | None, d: int) -> str:
-    """Signed: '+0.4', '−1.2'; a trailing '*' when |Δ| exceeds the trials' spread."""
+    """'+2.4 [−0.3, +5.1] p=0.07': the difference, its confidence interval and the test's
+    p-value; the difference alone when no test was possible (the notes say why)."""
     if dl is None:
         return ""
-    mag = f"{abs(dl.value):.{d}f}"
-    sign = MINUS if dl.value < 0 and mag.strip("0.") else "+"
-    return sign + mag + ("*" if dl.exceeds else "")
+    text = fmt_signed(dl.value, d)
+    if dl.ci is None or dl.p is None:
+        return text
+    lo, hi = (fmt_signed(x, d) for x in dl.ci)
+    return f"{text} [{lo}, {hi}] {fmt_p(dl.p)}"
 
 
 def _label(g: Group) -> str:
@@ -101,6 +121,29 @@ def _per_class_table(sec: Section, d: int) -> tuple[list[str], list[list[str]], 
     return header, rows, None
 
 
+def describe_test(dl: Delta, metrics: str = "") -> str:
+    """How one Δ was tested, with its n (the words of the notes); ``metrics`` names the cells."""
+    where = f" for {metrics}" if metrics else ""
+    if dl.test == PAIRED:
+        return f"paired t-test{where}, n={dl.n_group} pairs"
+    if dl.test == WELCH:
+        return f"Welch's t-test{where}, n={dl.n_group} vs {dl.n_baseline} (df {dl.df:.1f})"
+    return f"no test{where} ({dl.no_test})"
+
+
+def _test_note(sec: Section, g: Group) -> str:
+    """One line per group: the test and n, per metric only where they differ between metrics."""
+    same: dict[str, list[str]] = {}
+    for m in sec.metrics:
+        if m in g.deltas:
+            same.setdefault(describe_test(g.deltas[m]), []).append(m)
+    if len(same) == 1:
+        parts = list(same)
+    else:
+        parts = [describe_test(g.deltas[ms[0]], ", ".join(ms)) for ms in same.values()]
+    return f"{g.name} vs {sec.baseline}: {'; '.join(parts)}."
+
+
 def section_notes(sec: Section) -> list[str]:
     notes = [
         "Cells: mean ± sample std (ddof=1) over the n trials (seeds) of a group; "
@@ -108,10 +151,12 @@ def section_notes(sec: Section) -> list[str]:
     ]
     if sec.baseline is not None:
         notes.append(
-            f"Δ: group mean minus the mean of the baseline '{sec.baseline}'. "
-            "* marks |Δ| > std(group) + std(baseline): the difference exceeds the trials' "
-            "spread (a rough check, not a significance test; impossible with n=1)."
+            f"Δ: group mean minus the mean of the baseline '{sec.baseline}', then its "
+            f"{CONFIDENCE:.0%} confidence interval [low, high] (t distribution) and the two-sided "
+            "p-value: a paired t-test on the per-seed differences when the group and the "
+            "baseline have the same seeds, else Welch's t-test; no test with n=1."
         )
+        notes += [_test_note(sec, g) for g in sec.groups if g.deltas]
     return notes + sec.notes
 
 
@@ -134,19 +179,27 @@ PRETRAIN_NOTE = (
 )
 
 
+def _layout(header: list[str], rows: list[list[str]], fmt: str) -> str:
+    """tabulate with our cells kept as text: first column left, the numbers right."""
+    return tabulate(
+        rows,
+        header,
+        tablefmt=fmt,
+        colalign=["left"] + ["right"] * (len(header) - 1),
+        disable_numparse=True,
+    )
+
+
 # ----------------------------------------------------------------------------- markdown
 
 
 def _md_cell(s: str) -> str:
-    return s.replace("|", "\\|")
+    return s.replace("|", "\\|")  # tabulate's pipe format leaves a | inside a cell as is
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    align = [":--"] + ["--:"] * (len(header) - 1)
-    lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |"]
-    lines.append("| " + " | ".join(align) + " |")
-    lines += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows]
-    return lines
+    cells = [[_md_cell(c) for c in r] for r in rows]
+    return _layout([_md_cell(h) for h in header], cells, "pipe").split("\n")
 
 
 def render_md(rep: Report) -> str:
@@ -172,45 +225,35 @@ def render_md(rep: Report) -> str:
 
 # ----------------------------------------------------------------------------- LaTeX
 
-_TEX = {
-    "\\": r"\textbackslash{}",
-    "&": r"\&",
-    "%": r"\%",
-    "$": r"\$",
-    "#": r"\#",
-    "_": r"\_",
-    "{": r"\{",
-    "}": r"\}",
-    "~": r"\textasciitilde{}",
-    "^": r"\textasciicircum{}",
+# The symbols we emit that tabulate's LaTeX escaping leaves alone (pdflatex-safe forms).
+TEX_SYMBOLS = {
     "±": r"$\pm$",
     "Δ": r"$\Delta$",
     MINUS: r"$-$",
     NONE: "--",
     "·": "--",
-    "*": r"$^*$",
     "|": r"$|$",  # pdflatex's default font encoding turns a bare | into a dash
-    "<": r"$<$",
-    ">": r"$>$",
 }
 
 
+def _tex_symbols(s: str) -> str:
+    return "".join(TEX_SYMBOLS.get(c, c) for c in s)
+
+
 def tex(s: str) -> str:
-    """Escape LaTeX specials and map the few Unicode symbols we emit (pdflatex-safe)."""
-    return "".join(_TEX.get(c, c) for c in s)
+    """Text outside a table (caption, notes) escaped as tabulate escapes cells, plus our symbols."""
+    return _tex_symbols("".join(LATEX_ESCAPE_RULES.get(c, c) for c in s))
 
 
 def _tex_table(
     caption: str, header: list[str], rows: list[list[str]], rule_at: int | None, notes: list[str]
 ) -> list[str]:
-    out = [r"\begin{table}[t]", r"\centering", r"\caption{" + tex(caption) + "}"]
-    out += [r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule"]
-    out += [" & ".join(tex(h) for h in header) + r" \\", r"\midrule"]
-    for i, r in enumerate(rows):
-        if i == rule_at and i > 0:
-            out.append(r"\midrule")
-        out.append(" & ".join(tex(c) for c in r) + r" \\")
-    out += [r"\bottomrule", r"\end{tabular}"]
+    body: list[list[str]] = [list(r) for r in rows]
+    if rule_at:  # a \midrule above the published rows
+        body.insert(rule_at, [SEPARATING_LINE])
+    # tabulate escapes the LaTeX specials; its markup has none of the symbols mapped afterwards
+    table = _tex_symbols(_layout(header, body, "latex_booktabs"))
+    out = [r"\begin{table}[t]", r"\centering", r"\caption{" + tex(caption) + "}", table]
     if notes:
         out.append(r"\par\smallskip{\footnotesize " + r" \par ".join(tex(n) for n in notes) + "}")
     return out + [r"\end{table}", ""]
@@ -237,10 +280,14 @@ def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 6)
 
 
-CSV_COLUMNS = [
-    "table", "task", "dataset_test", "detector", "iou_type", "group", "published", "n",
-    "metric", "mean", "std", "delta", "exceeds_spread", "baseline",
-]  # fmt: skip
+def _p(x: float | None) -> float | None:
+    return None if x is None else float(f"{x:.6g}")  # significant digits: p can be tiny
+
+
+CSV_COLUMNS = (
+    "table,task,dataset_test,detector,iou_type,group,published,n,metric,mean,std,"
+    "delta,ci_low,ci_high,p,test,baseline"
+).split(",")
 
 
 def render_csv(rep: Report) -> str:
@@ -253,23 +300,28 @@ def render_csv(rep: Report) -> str:
         return "" if x is None else f"{x:.4f}"
 
     for sec in rep.sections:
-        table = "per_class" if sec.per_class else "detection"
+        where = [
+            "per_class" if sec.per_class else "detection",
+            sec.task,
+            "+".join(sec.dataset_test),
+            sec.detector,
+            sec.iou_type,
+        ]
         for g in sec.groups:
             for m in sec.metrics:
                 s, dl = g.stats.get(m), g.deltas.get(m)
-                w.writerow([
-                    table, sec.task, "+".join(sec.dataset_test), sec.detector, sec.iou_type,
-                    g.name, int(g.published), s.n if s else 0, m,
-                    num(s.mean if s else None), num(s.std if s else None),
-                    num(dl.value if dl else None),
-                    "" if dl is None or dl.exceeds is None else int(dl.exceeds),
-                    sec.baseline or "",
-                ])  # fmt: skip
+                cell = [s.n if s else 0, m, num(s.mean if s else None), num(s.std if s else None)]
+                test = ["", "", "", "", ""]
+                if dl is not None:
+                    lo, hi = dl.ci if dl.ci else (None, None)
+                    p = "" if dl.p is None else f"{dl.p:.4g}"
+                    test = [num(dl.value), num(lo), num(hi), p, dl.test or "none"]
+                w.writerow(where + [g.name, int(g.published)] + cell + test + [sec.baseline or ""])
     for p in rep.pretrain:
         for m in p.members:
             for which, v in (("last", m.last), ("best", m.best)):
                 metric = f"member{m.member}/{m.metric}/{which}"
-                w.writerow(["pretrain", "", "", "", "", p.name, 0, 1, metric, num(v)] + [""] * 4)
+                w.writerow(["pretrain", "", "", "", "", p.name, 0, 1, metric, num(v)] + [""] * 7)
     for x in rep.warnings + [x for s in rep.sections for x in s.warnings]:
         buf.write(f"# warning: {x}\n")
     for p, r in rep.skipped:
@@ -277,47 +329,74 @@ def render_csv(rep: Report) -> str:
     return buf.getvalue()
 
 
-def report_dict(rep: Report) -> dict[str, Any]:
+def delta_dict(x: Delta) -> dict[str, Any]:
+    """A Δ cell for JSON: the difference, which test (``paired_t``, ``welch_t`` or null), its n,
+    degrees of freedom, 95 % interval and p-value, and why there is no test when there is none."""
+    return {
+        "delta": _r(x.value),
+        "test": x.test,
+        "n_group": x.n_group,
+        "n_baseline": x.n_baseline,
+        "df": _r(x.df),
+        "ci95": None if x.ci is None else [_r(x.ci[0]), _r(x.ci[1])],
+        "p": _p(x.p),
+        "no_test": x.no_test or None,
+    }
+
+
+def _group_dict(sec: Section, g: Group) -> dict[str, Any]:
     def stat(s: Stat | None) -> dict[str, Any] | None:
         return None if s is None else {"mean": _r(s.mean), "std": _r(s.std), "n": s.n}
 
-    def dlt(x: Delta) -> dict[str, Any]:
-        return {"delta": _r(x.value), "exceeds_spread": x.exceeds}
+    return {
+        "name": g.name,
+        "published": g.published,
+        "baseline": g.is_baseline,
+        "n": g.n,
+        "runs": [{"run_name": r.run_name, "seed": r.seed, "path": str(r.path)} for r in g.runs],
+        "stats": {m: stat(g.stats.get(m)) for m in sec.metrics},
+        "deltas": {m: delta_dict(x) for m, x in g.deltas.items()},
+    }
 
-    sections = []
-    for sec in rep.sections:
-        groups = []
-        for g in sec.groups:
-            groups.append({
-                "name": g.name,
-                "published": g.published,
-                "baseline": g.is_baseline,
-                "n": g.n,
-                "runs": [
-                    {"run_name": r.run_name, "seed": r.seed, "path": str(r.path)} for r in g.runs
-                ],
-                "stats": {m: stat(g.stats.get(m)) for m in sec.metrics},
-                "deltas": {m: dlt(x) for m, x in g.deltas.items()},
-            })  # fmt: skip
-        sections.append({
-            "title": sec.title, "task": sec.task, "dataset_test": sec.dataset_test,
-            "detector": sec.detector, "iou_type": sec.iou_type, "per_class": sec.per_class,
-            "baseline": sec.baseline, "metrics": sec.metrics, "groups": groups,
-            "notes": section_notes(sec), "warnings": sec.warnings,
-        })  # fmt: skip
+
+def report_dict(rep: Report) -> dict[str, Any]:
+    sections = [
+        {
+            "title": sec.title,
+            "task": sec.task,
+            "dataset_test": sec.dataset_test,
+            "detector": sec.detector,
+            "iou_type": sec.iou_type,
+            "per_class": sec.per_class,
+            "baseline": sec.baseline,
+            "metrics": sec.metrics,
+            "groups": [_group_dict(sec, g) for g in sec.groups],
+            "notes": section_notes(sec),
+            "warnings": sec.warnings,
+        }
+        for sec in rep.sections
+    ]
     pretrain = [
         {
-            "name": p.name, "path": p.path, "epoch": p.epoch, "loss": _r(p.loss),
+            "name": p.name,
+            "path": p.path,
+            "epoch": p.epoch,
+            "loss": _r(p.loss),
             "members": [
-                {"member": m.member, "metric": m.metric, "last": _r(m.last), "best": _r(m.best),
-                 "best_epoch": m.best_epoch}
+                {
+                    "member": m.member,
+                    "metric": m.metric,
+                    "last": _r(m.last),
+                    "best": _r(m.best),
+                    "best_epoch": m.best_epoch,
+                }
                 for m in p.members
             ],
         }
         for p in rep.pretrain
-    ]  # fmt: skip
+    ]
     return {
-        "format": "mcl_det.report/v1",
+        "format": JSON_FORMAT,
         "sections": sections,
         "pretraining": pretrain,
         "warnings": rep.warnings,
@@ -329,7 +408,9 @@ def render_json(rep: Report) -> str:
     return json.dumps(report_dict(rep), indent=2, ensure_ascii=False) + "\n"
 
 
+RENDERERS = {"md": render_md, "csv": render_csv, "latex": render_latex, "json": render_json}
+FORMATS = tuple(RENDERERS)
+
+
 def render(rep: Report, fmt: str) -> str:
-    return {"md": render_md, "csv": render_csv, "latex": render_latex, "json": render_json}[fmt](
-        rep
-    )
+    return RENDERERS[fmt](rep)

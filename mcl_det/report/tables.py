@@ -1,5 +1,5 @@
-"""Turn validated runs into comparison sections: mean ± std per group, deltas vs a baseline,
-published reference rows, and the fairness checks.
+"""Turn validated runs into comparison sections: mean ± std per group, deltas vs a baseline
+with their t-test (``stats.compare``), published reference rows, and the fairness checks.
 
 A *section* is one table: runs with the same task, test datasets, detector and IoU type
 (``bbox``/``segm``). Inside a section, runs are grouped by ``collect.group_name`` (the weights
@@ -9,9 +9,7 @@ identity); the seeds of a group are its trials.
 from __future__ import annotations
 
 import json
-import math
 import os
-import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ import yaml
 
 from ..utils.errors import MCLDetError
 from .collect import DetRun, PretrainLog
+from .stats import Delta, Stat, compare, mean_std
 
 VOC_METRICS = ("AP50", "AP", "AP75")  # the order of the MoCo/MCL VOC tables
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -35,43 +34,6 @@ FAIRNESS_FIELDS = (
     "min_size_test",
     "mask_on",
 )
-
-
-@dataclass
-class Stat:
-    """Mean and sample std (ddof=1) of one metric over a group's trials; std is None for n<2."""
-
-    mean: float
-    std: float | None
-    n: int
-
-
-@dataclass
-class Delta:
-    """Group mean minus baseline mean; ``exceeds`` says if |delta| > std_group + std_baseline
-    (None when either side has a single trial, so no spread is known)."""
-
-    value: float
-    exceeds: bool | None
-
-
-def mean_std(values: list[float]) -> Stat | None:
-    """Mean and sample standard deviation; NaN entries (e.g. COCO APs with no small objects) are
-    left out, so ``n`` can be smaller than the number of runs."""
-    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    if not vals:
-        return None
-    std = statistics.stdev(vals) if len(vals) > 1 else None
-    return Stat(statistics.fmean(vals), std, len(vals))
-
-
-def delta(group: Stat, base: Stat) -> Delta:
-    """Signed difference and a rough spread check (sum of the two sample stds: conservative,
-    not a significance test)."""
-    d = group.mean - base.mean
-    if group.std is None or base.std is None:
-        return Delta(d, None)
-    return Delta(d, abs(d) > group.std + base.std)
 
 
 @dataclass
@@ -265,6 +227,10 @@ def build_sections(
     return sections
 
 
+def _trials(g: Group, iou: str, metric: str) -> list[tuple[Any, Any]]:
+    return [(r.seed, r.metrics(iou).get(metric)) for r in g.runs]
+
+
 def _section(
     task: str,
     dtest: list[str],
@@ -309,9 +275,9 @@ def _section(
             if g is b:
                 continue
             for m in metrics:
-                gs, bs = g.stats[m], b.stats[m]
-                if gs is not None and bs is not None:
-                    g.deltas[m] = delta(gs, bs)
+                dl = compare(_trials(g, iou, m), _trials(b, iou, m))
+                if dl is not None:
+                    g.deltas[m] = dl
     # baseline first, then by name: the reader compares every row against the first one
     sec.groups.sort(key=lambda g: (not g.is_baseline, g.name))
     if not per_class and iou == "bbox":  # segm runs are the same runs: warn once
