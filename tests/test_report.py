@@ -449,6 +449,9 @@ def test_reference_rows(runs):
     text = report_text([runs / "det_baseline"], reference=str(ref))
     assert ["MoCo v2 800ep [published]", "5", "82.5", "", "57.4", "", "64.0", ""] in md_rows(text)
     assert "means of 5 trials from" in text
+    latex = report_text([runs / "det_baseline"], "latex", reference=str(ref)).split("\n")
+    first_pub = next(i for i, x in enumerate(latex) if "[published]" in x)
+    assert latex[first_pub - 1] == "\\midrule" and latex.count("\\midrule") == 2
 
 
 def test_bad_reference(tmp_path, runs):
