@@ -52,7 +52,8 @@ def ref_ce0(rows) -> float:
 
 
 def ref_kl(student_rows, teacher_rows, t) -> float:
-    """T^2 * mean_i sum_j p_ij (log p_ij - log q_ij), p = softmax(teacher/T), q = softmax(student/T)"""
+    """T^2 * mean_i sum_j p_ij (log p_ij - log q_ij),
+    p = softmax(teacher/T), q = softmax(student/T)"""
     total = 0.0
     for s_row, t_row in zip(student_rows, teacher_rows, strict=True):
         log_q = ref_log_softmax(s_row, t)
@@ -72,46 +73,6 @@ def ref_mcl_terms(grid, t) -> dict[str, float]:
             out["icl"] += ref_ce0(grid[a][b])
             out["soft_vcl"] += ref_kl(grid[a][a], grid[b][b], t)
             out["soft_icl"] += ref_kl(grid[a][b], grid[b][a], t)
-    return out
-
-
-def ref_supcon_terms(zs, labels, tau, t) -> dict[str, float]:
-    """Direct transcription of the supcon_terms docstring."""
-    m, n = len(zs), zs[0].shape[0]
-    lab = [int(x) for x in labels]
-
-    def rows(a, b):  # list over anchors i of (row logits, positive flags)
-        out = []
-        for i in range(n):
-            cols = [j for j in range(n) if not (a == b and j == i)]
-            row = [ref_dot(zs[a][i], zs[b][j]) / tau for j in cols]
-            pos = [lab[j] == lab[i] for j in cols]
-            out.append((row, pos))
-        return out
-
-    def supcon(a, b):
-        total, count = 0.0, 0
-        for row, pos in rows(a, b):
-            n_pos = sum(pos)
-            if n_pos == 0:
-                continue
-            lse = ref_logsumexp(row)
-            total += -sum(row[j] - lse for j in range(len(row)) if pos[j]) / n_pos
-            count += 1
-        return total / count
-
-    def logit_rows(a, b):
-        return [r for r, _ in rows(a, b)]
-
-    out = {"vcl": 0.0, "icl": 0.0, "soft_vcl": 0.0, "soft_icl": 0.0}
-    for a in range(m):
-        out["vcl"] += supcon(a, a)
-        for b in range(m):
-            if a == b:
-                continue
-            out["icl"] += supcon(a, b)
-            out["soft_vcl"] += ref_kl(logit_rows(a, a), logit_rows(b, b), t)
-            out["soft_icl"] += ref_kl(logit_rows(a, b), logit_rows(b, a), t)
     return out
 
 
@@ -267,106 +228,6 @@ def test_unknown_term_name_is_an_error():
         L.mcl_loss_terms([[torch.zeros(2, 3)]], needed={"kl"})
 
 
-# ------------------------------------------------------------------------------------------------
-# supervised: memory bank
-# ------------------------------------------------------------------------------------------------
-
-
-def test_bank_logits_per_anchor_and_shared_negatives():
-    g = torch.Generator().manual_seed(20)
-    m, n, c, nb, k = 3, 4, 5, 11, 6
-    zs = [unit(n, c, gen=g).requires_grad_() for _ in range(m)]
-    banks = [unit(nb, c, gen=g) for _ in range(m)]
-    pos_idx = torch.randint(0, nb, (n,), generator=g)
-    neg_idx = torch.randint(0, nb, (n, k), generator=g)
-    grid = L.bank_logits(zs, banks, pos_idx, neg_idx, tau=0.07)
-    for a in range(m):
-        for b in range(m):
-            want = [
-                [ref_dot(zs[a][i].detach(), banks[b][int(pos_idx[i])]) / 0.07]
-                + [
-                    ref_dot(zs[a][i].detach(), banks[b][int(neg_idx[i, j])]) / 0.07
-                    for j in range(k)
-                ]
-                for i in range(n)
-            ]
-            torch.testing.assert_close(
-                grid[a][b].detach(), torch.tensor(want, dtype=torch.float64), **TOL
-            )
-    # feeds mcl_loss_terms unchanged
-    got = L.mcl_loss_terms(grid, T=3.0)
-    want_terms = ref_mcl_terms([[x.detach().tolist() for x in row] for row in grid], 3.0)
-    for name in L.TERMS:
-        assert got[name].item() == pytest.approx(want_terms[name], rel=1e-9), name
-    # shared negatives (1-D neg_idx) == per-anchor negatives with every row equal
-    shared = torch.randint(0, nb, (k,), generator=g)
-    a_grid = L.bank_logits(zs, banks, pos_idx, shared, tau=0.07)
-    b_grid = L.bank_logits(zs, banks, pos_idx, shared.expand(n, k), tau=0.07)
-    for a in range(m):
-        for b in range(m):
-            torch.testing.assert_close(a_grid[a][b], b_grid[a][b], **TOL)
-    diag = L.bank_logits(zs, banks, pos_idx, neg_idx, tau=0.07, cross=False)
-    assert diag[0][1] is None and torch.equal(diag[2][2], grid[2][2])
-    # the bank is a buffer: gradient goes to the live embeddings only
-    grads = torch.autograd.grad(got["icl"], zs)
-    assert all(gr.abs().sum() > 0 for gr in grads)
-
-
-def test_bank_update_in_place_loop():
-    g = torch.Generator().manual_seed(21)
-    bank = unit(10, 4, gen=g)
-    before = bank.clone()
-    idx = torch.tensor([7, 2, 5])
-    z = unit(3, 4, gen=g).requires_grad_()
-    L.bank_update(bank, idx, z, momentum=0.3)
-    for row in range(10):
-        if row in idx.tolist():
-            i = idx.tolist().index(row)
-            mixed = [0.3 * float(before[row, c]) + 0.7 * float(z[i, c].detach()) for c in range(4)]
-            norm = math.sqrt(sum(x * x for x in mixed))
-            want = torch.tensor([x / norm for x in mixed], dtype=torch.float64)
-            torch.testing.assert_close(bank[row], want, **TOL)
-        else:
-            assert torch.equal(bank[row], before[row])
-    assert not bank.requires_grad
-
-
-# ------------------------------------------------------------------------------------------------
-# supervised: in-batch SupCon-style
-# ------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("m", [2, 3])
-def test_supcon_terms_match_loop(m):
-    g = torch.Generator().manual_seed(30 + m)
-    n, c = 6, 5
-    zs = [unit(n, c, gen=g).requires_grad_() for _ in range(m)]
-    labels = torch.tensor([0, 1, 0, 2, 1, 3])  # class 2 and 3 appear once: no positive in S_mm
-    got = L.supcon_terms(zs, labels, tau=0.07, T=3.0)
-    want = ref_supcon_terms([z.detach() for z in zs], labels, 0.07, 3.0)
-    for name in L.TERMS:
-        assert got[name].item() == pytest.approx(want[name], rel=1e-9, abs=1e-10), name
-    grads = torch.autograd.grad(got["icl"] + got["soft_icl"], zs)
-    assert all(gr.abs().sum() > 0 for gr in grads)
-
-
-def test_supcon_terms_needed_subset():
-    g = torch.Generator().manual_seed(40)
-    zs = [unit(4, 3, gen=g) for _ in range(2)]
-    labels = torch.tensor([0, 0, 1, 1])
-    full = L.supcon_terms(zs, labels, tau=0.1)
-    part = L.supcon_terms(zs, labels, tau=0.1, needed={"vcl", "soft_vcl"})
-    assert set(part) == {"vcl", "soft_vcl"}
-    for name in part:
-        torch.testing.assert_close(part[name], full[name])
-
-
-def test_drop_diagonal():
-    x = torch.arange(16.0).view(4, 4)
-    want = torch.tensor([[x[i, j].item() for j in range(4) if j != i] for i in range(4)])
-    torch.testing.assert_close(L._drop_diagonal(x), want)
-
-
 def test_half_precision_logits_are_upcast():
     g = torch.Generator().manual_seed(50)
     grid = [[torch.randn(4, 300, generator=g) * 5 for _ in range(2)] for _ in range(2)]
@@ -376,14 +237,6 @@ def test_half_precision_logits_are_upcast():
         assert half[name].dtype == torch.float32
         # only the bf16 rounding of the inputs remains (a bf16 softmax would be far worse)
         assert half[name].item() == pytest.approx(ref[name].item(), rel=2e-2, abs=1e-2), name
-
-
-def test_supcon_without_any_positive_is_a_connected_zero():
-    z = [unit(3, 4, gen=torch.Generator().manual_seed(60)).requires_grad_() for _ in range(2)]
-    terms = L.supcon_terms(z, torch.tensor([0, 1, 2]), tau=0.1, needed={"vcl"})
-    assert terms["vcl"].item() == 0.0
-    terms["vcl"].backward()  # still part of the graph (DDP needs every parameter used)
-    assert z[0].grad is not None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -413,7 +413,7 @@ def _cell_terms(x: Tensor, m: int, T: float, needed: set[str], full: bool) -> di
     return dict(zip(plan.names, _CellTermsFn.apply(x, plan).unbind(0), strict=True))
 
 
-def _check_needed(needed: Iterable[str] | None) -> set[str]:
+def check_terms(needed: Iterable[str] | None) -> set[str]:
     if needed is None:
         return set(TERMS)
     needed = set(needed)
@@ -437,7 +437,7 @@ def mcl_loss_terms(
     logits may then be ``None``).
     CE is the batch mean; the sums over members/pairs are plain sums (not averaged over M).
     """
-    needed = _check_needed(needed)
+    needed = check_terms(needed)
     m = len(logits)
     if m < 1 or any(len(row) != m for row in logits):
         raise ValueError("mcl_loss_terms: logits must be a square M x M grid")
@@ -487,157 +487,3 @@ def combine(terms: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor
         ref = next(iter(terms.values()), None)
         return ref.new_zeros(()) if ref is not None else torch.zeros(())
     return total
-
-
-# --------------------------------------------------------------------------------------------
-# Supervised mode, memory-bank variant (ImageNet-size data)
-# --------------------------------------------------------------------------------------------
-
-
-def bank_logits(
-    zs: Sequence[Tensor],
-    banks: Sequence[Tensor],
-    pos_idx: Tensor,
-    neg_idx: Tensor,
-    tau: float,
-    cross: bool = True,
-) -> list[list[Tensor | None]]:
-    """logits[a][b] = [z_a . bank_b[pos], z_a . bank_b[neg]] / tau -> Nx(1+K), positive at col 0.
-
-    zs[a]: NxC live (L2-normalised) embeddings of member a; banks[b]: NbxC L2-normalised bank.
-    pos_idx: N, one same-class bank entry per anchor. neg_idx: NxK per-anchor negatives, or K
-    negatives shared by the whole batch (much cheaper: one KxC gather instead of NxKxC). The
-    SAME indices must be used for every member so the KL terms compare aligned distributions.
-    Feed the result to ``mcl_loss_terms`` unchanged.
-
-    Memory: the per-anchor form gathers an NxKxC block per bank (N=256, K=8192, C=128, fp32:
-    1 GiB); it is computed once per bank b and reused for every anchor member a.
-    """
-    m = len(zs)
-    if len(banks) != m:
-        raise ValueError(f"bank_logits: got {m} embeddings and {len(banks)} banks")
-    n = zs[0].shape[0]
-    if pos_idx.shape != (n,):
-        raise ValueError(f"bank_logits: pos_idx must have shape ({n},), got {tuple(pos_idx.shape)}")
-    if neg_idx.dim() not in (1, 2) or (neg_idx.dim() == 2 and neg_idx.shape[0] != n):
-        raise ValueError(f"bank_logits: neg_idx must be NxK or K, got {tuple(neg_idx.shape)}")
-    out: list[list[Tensor | None]] = [[None] * m for _ in range(m)]
-    for b in range(m):
-        bank = banks[b].detach()
-        pos_b = bank[pos_idx]  # NxC
-        neg_b = bank[neg_idx]  # NxKxC (per anchor) or KxC (shared)
-        for a in range(m):
-            if not (cross or a == b):
-                continue
-            z = zs[a] / tau  # NxC
-            pos = (z * pos_b).sum(dim=1, keepdim=True)  # Nx1
-            if neg_b.dim() == 3:
-                neg = torch.bmm(neg_b, z.unsqueeze(2)).squeeze(2)  # NxK
-            else:
-                neg = z @ neg_b.t()  # NxK
-            out[a][b] = torch.cat([pos, neg], dim=1)  # Nx(1+K)
-    return out
-
-
-@torch.no_grad()
-def bank_update(bank: Tensor, idx: Tensor, z: Tensor, momentum: float = 0.5) -> None:
-    """In place: bank[idx] = normalize(momentum * bank[idx] + (1 - momentum) * z), no grad.
-
-    bank: NbxC, idx: N (distinct dataset indices: with duplicates the last write wins, in no
-    defined order), z: NxC embeddings of those samples.
-    """
-    new = bank[idx] * momentum + z.detach().to(bank.dtype) * (1.0 - momentum)  # NxC
-    bank.index_copy_(0, idx, F.normalize(new, dim=1))
-
-
-# --------------------------------------------------------------------------------------------
-# Supervised mode, in-batch variant (small datasets, SupCon-style)
-# --------------------------------------------------------------------------------------------
-
-
-def _drop_diagonal(x: Tensor) -> Tensor:
-    """NxN -> Nx(N-1) without the diagonal; column order of the remaining entries is kept."""
-    n = x.shape[0]
-    return x.flatten()[1:].view(n - 1, n + 1)[:, :-1].reshape(n, n - 1)
-
-
-def _supcon_ce(logits: Tensor, pos_mask: Tensor) -> Tensor:
-    """mean_{i: P(i) non-empty} -1/|P(i)| sum_{p in P(i)} log softmax(logits_i)_p.
-
-    logits: NxL, pos_mask: NxL bool -> scalar. Anchors without a positive are left out of the mean
-    (if none has one the result is a graph-connected 0). Masks instead of boolean indexing: no
-    device -> host sync.
-    """
-    log_prob = F.log_softmax(_upcast(logits), dim=1)  # NxL
-    pos = pos_mask.to(log_prob.dtype)  # NxL
-    n_pos = pos.sum(dim=1)  # N
-    valid = (n_pos > 0).to(log_prob.dtype)  # N
-    per_anchor = -(pos * log_prob).sum(dim=1) / n_pos.clamp(min=1)  # N (0 where no positive)
-    return (per_anchor * valid).sum() / valid.sum().clamp(min=1)
-
-
-def supcon_terms(
-    zs: Sequence[Tensor],
-    labels: Tensor,
-    tau: float,
-    T: float = 3.0,
-    needed: Iterable[str] | None = None,
-) -> dict[str, Tensor]:
-    """The four MCL terms with in-batch SupCon-style contrast (no queue, no bank).
-
-    zs[m]: NxC L2-normalised embeddings of the same batch from member m; labels: N.
-    For anchor i of member a against member b: S_ab = z_a z_b^T / tau (NxN). When a == b the
-    anchor's own column i is removed from the row (denominator and positives), giving Nx(N-1);
-    when a != b all N columns stay, and j == i (the same image seen by b) is a positive.
-    Positives P_ab(i) = {j in row : labels[j] == labels[i]}.
-
-        L_supcon(a, b) = mean_{i: P_ab(i) != {}} -1/|P_ab(i)| sum_{p in P_ab(i)}
-                         log( exp(S_ab[i,p]) / sum_{j in row} exp(S_ab[i,j]) )
-        vcl      = sum_m L_supcon(m, m)
-        icl      = sum_{a!=b} L_supcon(a, b)
-        soft_vcl = sum_{a!=b} T^2 KL(softmax(S_bb[i]/T) || softmax(S_aa[i]/T)), batch mean, b detached
-        soft_icl = sum_{a!=b} T^2 KL(softmax(S_ba[i]/T) || softmax(S_ab[i]/T)), batch mean, b->a det.
-
-    The rows are aligned because every member sees the same batch: column j is sample j in every
-    S_ab (with the diagonal dropped in S_aa and S_bb alike). Anchors whose class appears once in
-    the batch have no positive in S_mm and are left out of vcl's mean; use a class-balanced sampler.
-    """
-    needed = _check_needed(needed)
-    m = len(zs)
-    n = zs[0].shape[0]
-    if labels.shape != (n,):
-        raise ValueError(f"supcon_terms: labels must have shape ({n},), got {tuple(labels.shape)}")
-    if n < 2:
-        raise ValueError("supcon_terms: need a batch of at least 2 samples")
-    cross = needs_cross(needed)
-    same = labels.view(-1, 1) == labels.view(1, -1)  # NxN bool
-    same_offdiag = _drop_diagonal(same)  # Nx(N-1)
-    scaled = [z / tau for z in zs]  # M x NxC
-    logits: list[list[Tensor | None]] = [[None] * m for _ in range(m)]
-    for a in range(m):
-        for b in range(m):
-            if a == b:
-                logits[a][b] = _drop_diagonal(scaled[a] @ zs[b].t())  # Nx(N-1)
-            elif cross:
-                logits[a][b] = scaled[a] @ zs[b].t()  # NxN
-    out: dict[str, Tensor] = {}
-    if "vcl" in needed:
-        out["vcl"] = sum(_supcon_ce(logits[a][a], same_offdiag) for a in range(m))
-    if "icl" in needed:
-        out["icl"] = sum(
-            _supcon_ce(logits[a][b], same) for a in range(m) for b in range(m) if a != b
-        )
-    scale = T * T / n
-    if "soft_vcl" in needed and m > 1:
-        diag = torch.stack([logits[a][a] for a in range(m)])  # MxNx(N-1)
-        rounds = _soft_vcl_rounds(F.log_softmax(_upcast(diag) / T, dim=2), 1)
-        out["soft_vcl"] = torch.cat(rounds).sum() * scale
-    if "soft_icl" in needed and m > 1:
-        pairs = [(a, b) for a in range(m) for b in range(a + 1, m)]
-        off = torch.stack([logits[a][b] for a, b in pairs] + [logits[b][a] for a, b in pairs])
-        log_p = F.log_softmax(_upcast(off) / T, dim=2)  # M(M-1)xNxN
-        # the second half holds the transposed pairs of the first: a half-roll gives each teacher
-        teacher = log_p.detach().roll(len(pairs), dims=0)
-        out["soft_icl"] = _kl_cells(log_p, teacher).sum() * scale
-    ref = zs[0]
-    return {k: v if torch.is_tensor(v) else ref.new_zeros(()) for k, v in out.items()}
