@@ -164,3 +164,15 @@ def test_encoded_views_for_gpu_decoding_run_on_cpu(tmp_path):
             gap = (views[v][i].float() - ref[v][0].float()).abs().mean()
             assert gap < 4.0  # antialiased bilinear on tensors vs PIL's resize: a few levels
     assert decode_jpeg(jpeg["data"]).shape == (3, 30, 40)
+
+
+def test_device_pipeline_skips_unreadable_files(tmp_path, capsys):
+    from mcl_det.pretrain.augment import moco_recipe
+    from mcl_det.pretrain.data import CropViews
+
+    root = _folder(tmp_path)
+    (root / "c0" / "0.jpg").write_bytes(b"not a jpeg")
+    ds = SafeImageFolder(root, CropViews(moco_recipe("aug+", 16)), seed=0, scan=False)
+    views, _, idx = ds[(0, 0)]  # replaced by the next readable image, same index reported
+    assert views[0][0].shape == (3, 16, 16) and idx == 0 and ds.load_failures == 1
+    assert "skipping unreadable image" in capsys.readouterr().out

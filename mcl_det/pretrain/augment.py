@@ -19,6 +19,7 @@ depend on the number of workers, ranks or on the device.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +61,12 @@ class AugRecipe:
     def color_jitter(self) -> T.ColorJitter:
         return T.ColorJitter(*self.jitter)
 
+    @cached_property
+    def jitter_ranges(self) -> tuple:
+        """(min, max) of brightness, contrast, saturation, hue factors, as torchvision sets them."""
+        cj = self.color_jitter()
+        return cj.brightness, cj.contrast, cj.saturation, cj.hue
+
 
 def moco_recipe(aug: str, size: int) -> AugRecipe | None:
     """MoCo v2 "aug+" or MoCo v1 "aug"; None for an unknown name (the caller reports it)."""
@@ -70,25 +77,25 @@ def moco_recipe(aug: str, size: int) -> AugRecipe | None:
     return None
 
 
-def draw_view_params(img, recipe: AugRecipe) -> tuple[tuple[int, int, int, int], dict]:
-    """Crop box (top, left, height, width) and the device-stage parameters of one view.
+def draw_view_params(
+    image_hw: tuple[int, int], recipe: AugRecipe
+) -> tuple[tuple[int, int, int, int], dict]:
+    """Crop box (top, left, height, width) and the device-stage parameters of one view of an
+    image of ``image_hw`` (height, width).
 
     Uses the global torch RNG (the dataset seeds it per sample) and draws exactly what the
     torchvision chain of :func:`mcl_det.pretrain.data.moco_v2_transform` draws, in its order, by
     calling the same ``get_params``: the two pipelines share their random decisions.
-    ``img`` is anything torchvision can take the size of (a PIL image, even a lazily opened one).
     """
-    crop = T.RandomResizedCrop.get_params(img, list(recipe.scale), list(recipe.ratio))
-    cj = recipe.color_jitter()
+    shape_only = torch.empty(()).expand(1, *image_hw)  # get_params reads the size, nothing else
+    crop = T.RandomResizedCrop.get_params(shape_only, list(recipe.scale), list(recipe.ratio))
     order, factors = torch.arange(4), torch.tensor([1.0, 1.0, 1.0, 0.0])
     jitter = gray = blur = False
     sigma = 0.0
 
     def draw_jitter() -> None:
         nonlocal order, factors
-        idx, b, c, s, h = T.ColorJitter.get_params(
-            cj.brightness, cj.contrast, cj.saturation, cj.hue
-        )
+        idx, b, c, s, h = T.ColorJitter.get_params(*recipe.jitter_ranges)
         order, factors = idx, torch.tensor([b, c, s, h])
 
     if recipe.gray_first:
