@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 from PIL import Image
 
@@ -81,3 +82,97 @@ def test_knn_predict_matches_loop():
         for s, j in top:
             votes[int(labels[j])] += math.exp(s / 0.1)
         assert int(pred[i]) == max(range(3), key=lambda c: votes[c])
+
+
+# ---------------------------------------------------------------------------- device pipeline
+
+
+def _folder(root, n=6, size=(40, 30)):
+    """A one-class ImageFolder of small JPEGs (and one PNG, which the GPU decoder cannot read)."""
+    d = root / "c0"
+    d.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        arr = (torch.rand(size[1], size[0], 3, generator=g) * 255).byte().numpy()
+        Image.fromarray(arr).save(d / (f"{i}.png" if i == n - 1 else f"{i}.jpg"), quality=95)
+    return root
+
+
+def test_resolve_pipeline_auto_and_bad_values():
+    from mcl_det.pretrain.data import resolve_pipeline
+    from mcl_det.utils.errors import MCLDetError
+
+    cfg = get_pretrain_cfg()
+    assert resolve_pipeline(cfg, torch.device("cpu")) == "pil"
+    assert resolve_pipeline(cfg, torch.device("cuda", 0)) == "device"
+    cfg.DATA.PIPELINE = "device"
+    assert resolve_pipeline(cfg, torch.device("cpu")) == "device"
+    for key, value in (("PIPELINE", "gpu"), ("JPEG_DECODE", "nvjpeg"), ("JPEG_DECODE", "cuda")):
+        bad = get_pretrain_cfg()
+        bad.DATA[key] = value
+        with pytest.raises(MCLDetError, match=f"DATA.{key}|JPEG_DECODE"):
+            resolve_pipeline(bad, torch.device("cpu"))
+
+
+def test_device_pipeline_items_independent_of_workers(tmp_path):
+    """uint8 crops + parameters from (SEED, epoch, index): 0 or 2 workers, same batches."""
+    from torch.utils.data import DataLoader
+
+    from mcl_det.pretrain.augment import moco_recipe
+    from mcl_det.pretrain.data import CropViews
+
+    ds = SafeImageFolder(_folder(tmp_path), CropViews(moco_recipe("aug+", 24)), seed=5)
+    views, label, idx = ds[(2, 3)]
+    assert [v.dtype for v, _ in views] == [torch.uint8] * 2 and views[0][0].shape == (3, 24, 24)
+    assert not torch.equal(views[0][0], views[1][0])  # two different views
+
+    def run(workers):
+        s = EpochBatchSampler(ds.targets, 4, seed=1)
+        s.set_epoch(2)
+        return list(DataLoader(ds, batch_sampler=s, num_workers=workers))
+
+    a, b = run(0), run(2)
+    (va, _, ia), (vb, _, ib) = a[0], b[0]
+    assert torch.equal(ia, ib)
+    for (xa, pa), (xb, pb) in zip(va, vb):
+        assert torch.equal(xa, xb) and all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_encoded_views_for_gpu_decoding_run_on_cpu(tmp_path):
+    """The JPEG-on-GPU path, with torchvision's CPU decoder standing in for the CUDA one."""
+    from torchvision.io import decode_jpeg, read_file
+
+    from mcl_det.pretrain.augment import decode_and_crop, moco_recipe
+    from mcl_det.pretrain.data import CropViews, EncodedViews, collate_encoded
+
+    recipe = moco_recipe("aug+", 24)
+    root = _folder(tmp_path)
+    enc = SafeImageFolder(root, EncodedViews(recipe), seed=0)
+    pil = SafeImageFolder(root, CropViews(recipe), seed=0)
+    items = [enc[(i, 0)] for i in range(len(enc))]
+    jpeg = items[0][0]
+    assert torch.equal(jpeg["data"], read_file(enc.samples[0][0]))  # the file's bytes
+    assert items[-1][0]["data"].shape == (3, 30, 40)  # the PNG is decoded by the worker
+    batch, labels, idx = collate_encoded(items)
+    assert batch["crops"].shape == (len(enc), 2, 4) and idx.tolist() == list(range(len(enc)))
+    views = decode_and_crop(batch["data"], batch["crops"], 24, torch.device("cpu"))
+    assert [v.shape for v in views] == [(len(enc), 3, 24, 24)] * 2
+    for i in range(len(enc)):  # same crops and parameters as the CPU-decoding pipeline
+        ref, _, _ = pil[(i, 0)]
+        for v in range(2):
+            assert all(torch.equal(batch["params"][v][k][i], ref[v][1][k]) for k in ref[v][1])
+            gap = (views[v][i].float() - ref[v][0].float()).abs().mean()
+            assert gap < 4.0  # antialiased bilinear on tensors vs PIL's resize: a few levels
+    assert decode_jpeg(jpeg["data"]).shape == (3, 30, 40)
+
+
+def test_device_pipeline_skips_unreadable_files(tmp_path, capsys):
+    from mcl_det.pretrain.augment import moco_recipe
+    from mcl_det.pretrain.data import CropViews
+
+    root = _folder(tmp_path)
+    (root / "c0" / "0.jpg").write_bytes(b"not a jpeg")
+    ds = SafeImageFolder(root, CropViews(moco_recipe("aug+", 16)), seed=0, scan=False)
+    views, _, idx = ds[(0, 0)]  # replaced by the next readable image, same index reported
+    assert views[0][0].shape == (3, 16, 16) and idx == 0 and ds.load_failures == 1
+    assert "skipping unreadable image" in capsys.readouterr().out

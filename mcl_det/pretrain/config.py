@@ -60,6 +60,10 @@ def get_pretrain_cfg() -> CN:
     _C.DATA.IMAGE_SIZE = 224
     _C.DATA.AUG = "aug+"  # selfsup: "aug+" (MoCo v2) or "aug" (MoCo v1)
     _C.DATA.NUM_WORKERS = 4
+    # "pil": the whole augmentation in the workers; "device": workers decode + crop (uint8), the
+    # rest runs batched on the training device; "auto": device on CUDA, pil on the CPU
+    _C.DATA.PIPELINE = "auto"
+    _C.DATA.JPEG_DECODE = "cpu"  # "cuda": decode JPEGs batched on the GPU (PIPELINE device)
     _C.DATA.SCAN_IMAGES = True  # open every image header once at start; unreadable ones skipped
 
     _C.SOLVER = CN()

@@ -14,13 +14,25 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, default_collate
 from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms import functional as TF
+from torchvision.transforms.v2 import functional as TF2
 
 from ..utils.errors import MCLDetError
+from .augment import (
+    MEAN,
+    STD,
+    AugRecipe,
+    augment_batch,
+    decode_and_crop,
+    draw_view_params,
+    moco_recipe,
+    normalize_uint8,
+)
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision / ImageNet RGB
 TOY_ROOT = "datasets/toy/imagenet"
 
 
@@ -28,27 +40,31 @@ TOY_ROOT = "datasets/toy/imagenet"
 
 
 def moco_v2_transform(size: int = 224, aug: str = "aug+") -> T.Compose:
-    """MoCo v2 "aug+" (or v1 "aug"). Every random draw uses the torch RNG (seeded per sample)."""
-    normalize = T.Normalize(MEAN, STD)
-    if aug == "aug":
-        ops = [
-            T.RandomResizedCrop(size, scale=(0.2, 1.0)),
-            T.RandomGrayscale(p=0.2),
-            T.ColorJitter(0.4, 0.4, 0.4, 0.4),
-            T.RandomHorizontalFlip(),
-        ]
-    elif aug == "aug+":
-        k = max(3, int(0.1 * size) // 2 * 2 + 1)  # odd kernel ~10% of the crop (23 at 224)
-        ops = [
-            T.RandomResizedCrop(size, scale=(0.2, 1.0)),
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2),
-            T.RandomApply([T.GaussianBlur(k, sigma=(0.1, 2.0))], p=0.5),
-            T.RandomHorizontalFlip(),
-        ]
-    else:
+    """MoCo v2 "aug+" (or v1 "aug") on PIL images, all on the CPU (``DATA.PIPELINE pil``).
+
+    Every random draw uses the torch RNG (seeded per sample); the numbers come from the same
+    :class:`~mcl_det.pretrain.augment.AugRecipe` as the device pipeline's.
+    """
+    r = _recipe(aug, size)
+    ops: list = [T.RandomResizedCrop(size, scale=r.scale, ratio=r.ratio)]
+    gray = T.RandomGrayscale(p=r.gray_p)
+    if r.gray_first:
+        ops.append(gray)
+    jitter = r.color_jitter()
+    ops.append(jitter if r.jitter_p >= 1.0 else T.RandomApply([jitter], p=r.jitter_p))
+    if not r.gray_first:
+        ops.append(gray)
+    if r.blur_p > 0:
+        ops.append(T.RandomApply([T.GaussianBlur(r.blur_kernel, sigma=r.sigma)], p=r.blur_p))
+    ops.append(T.RandomHorizontalFlip(p=r.flip_p))
+    return T.Compose([*ops, T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+def _recipe(aug: str, size: int) -> AugRecipe:
+    recipe = moco_recipe(aug, size)
+    if recipe is None:
         raise MCLDetError(f"unknown DATA.AUG {aug!r}; use aug+ (MoCo v2) or aug (MoCo v1)")
-    return T.Compose([*ops, T.ToTensor(), normalize])
+    return recipe
 
 
 class TwoCrops:
@@ -78,6 +94,155 @@ def eval_transform(size: int = 224) -> T.Compose:
             T.Normalize(MEAN, STD),
         ]
     )
+
+
+# ---------------------------------------------------------------------------- device pipeline
+# DATA.PIPELINE device: the workers only decode and crop (uint8); augment.augment_batch does the
+# rest on the training device. Every class below draws with the torch RNG the dataset seeded.
+
+PIPELINES = ("auto", "pil", "device")
+JPEG_DECODERS = ("cpu", "cuda")
+
+
+def read_uint8(path: str) -> torch.Tensor:
+    """A file as a 3xHxW uint8 RGB tensor: torchvision's decoders (libjpeg-turbo straight to a
+    tensor, faster than PIL + conversion), PIL for the formats they do not read."""
+    try:
+        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        with Image.open(path) as im:
+            return TF.pil_to_tensor(im.convert("RGB"))
+
+
+class CropViews:
+    """CPU stage, self-supervised: per view a uint8 3xSxS crop and its device-stage parameters.
+
+    Decodes to a tensor and crops with torchvision's uint8 antialiased bilinear resize (about 3x
+    faster than PIL's resize, within a few grey levels of it).
+    """
+
+    read = staticmethod(read_uint8)  # SafeImageFolder reads files with this
+
+    def __init__(self, recipe: AugRecipe, views: int = 2) -> None:
+        self.recipe, self.views = recipe, views
+
+    def __call__(self, img: torch.Tensor) -> list[tuple[torch.Tensor, dict]]:
+        out = []
+        s, hw = self.recipe.size, tuple(img.shape[-2:])
+        for _ in range(self.views):
+            (i, j, h, w), params = draw_view_params(hw, self.recipe)
+            crop = TF2.resized_crop(img, i, j, h, w, [s, s], antialias=True)
+            out.append((crop, params))
+        return out
+
+
+class EncodedViews:
+    """CPU stage for JPEG decoding on the GPU: the file's bytes, crop boxes and parameters.
+
+    Reads only the image header (for the crop boxes); files that are not JPEG are decoded here.
+    Items are collated by :func:`collate_encoded`; the device stage is ``decode_and_crop``.
+    """
+
+    def __init__(self, recipe: AugRecipe, views: int = 2) -> None:
+        self.recipe, self.views = recipe, views
+
+    @staticmethod
+    def read(path: str) -> tuple[torch.Tensor, tuple[int, int]]:
+        with Image.open(path) as im:
+            hw = (im.height, im.width)
+            if im.format == "JPEG":
+                return read_file(path), hw
+            return TF.pil_to_tensor(im.convert("RGB")), hw
+
+    def __call__(self, item: tuple[torch.Tensor, tuple[int, int]]) -> dict:
+        data, hw = item
+        boxes, params = zip(*(draw_view_params(hw, self.recipe) for _ in range(self.views)))
+        return {"data": data, "crops": torch.tensor(boxes), "params": list(params)}
+
+
+def collate_encoded(batch: list) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Batch of :class:`EncodedViews` items: the files stay a list (their sizes differ)."""
+    samples, labels, idx = zip(*batch)
+    views = len(samples[0]["params"])
+    params = [default_collate([s["params"][v] for s in samples]) for v in range(views)]
+    enc = {
+        "data": [s["data"] for s in samples],
+        "crops": torch.stack([s["crops"] for s in samples]),  # BxVx4
+        "params": params,
+    }
+    return enc, torch.tensor(labels), torch.tensor(idx)
+
+
+def uint8_supervised_transform(size: int = 224) -> T.Compose:
+    """CPU stage of supervised training and linear evaluation (crop and flip are cheap here)."""
+    return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.PILToTensor()])
+
+
+def resolve_pipeline(cfg, device: torch.device, mode: str | None = None) -> str:
+    """DATA.PIPELINE -> "pil" or "device" (validated here, once, before anything starts).
+
+    ``auto`` is ``device`` when training on CUDA (the point of it: the workers stop being the
+    bottleneck) and ``pil`` on the CPU, where the PIL chain runs in the worker processes in parallel
+    with the step while the batched stage would run in the training process, serially with it.
+    """
+    kind, decoder = cfg.DATA.PIPELINE, cfg.DATA.JPEG_DECODE
+    if kind not in PIPELINES:
+        raise MCLDetError(f"unknown DATA.PIPELINE {kind!r}; use one of {', '.join(PIPELINES)}")
+    if decoder not in JPEG_DECODERS:
+        raise MCLDetError(f"unknown DATA.JPEG_DECODE {decoder!r}; use cpu or cuda")
+    if kind == "auto":
+        kind = "device" if device.type == "cuda" else "pil"
+    if decoder == "cuda" and (kind != "device" or device.type != "cuda"):
+        raise MCLDetError(
+            "DATA.JPEG_DECODE cuda needs DATA.PIPELINE device (or auto) and training on CUDA; "
+            "set DATA.JPEG_DECODE cpu"
+        )
+    if decoder == "cuda" and (mode or cfg.MODE) != "selfsup":
+        raise MCLDetError("DATA.JPEG_DECODE cuda is implemented for MODE selfsup only; use cpu")
+    return kind
+
+
+class InputPipeline:
+    """Both stages of the training input for one run: what the workers do, and what the
+    training step does on the device (:meth:`views` for the two self-supervised views,
+    :meth:`images` for supervised batches)."""
+
+    def __init__(self, cfg, device: torch.device, mode: str | None = None) -> None:
+        mode = mode or cfg.MODE  # linear evaluation uses the supervised input of any run
+        self.kind = resolve_pipeline(cfg, device, mode)
+        self.device, self.size = device, int(cfg.DATA.IMAGE_SIZE)
+        self.collate_fn = None
+        self.recipe = _recipe(cfg.DATA.AUG, self.size) if mode == "selfsup" else None
+        if mode == "selfsup" and self.kind == "pil":
+            self.train_transform = TwoCrops(moco_v2_transform(self.size, cfg.DATA.AUG))
+        elif mode == "selfsup" and cfg.DATA.JPEG_DECODE == "cuda":
+            self.train_transform = EncodedViews(self.recipe)
+            self.collate_fn = collate_encoded
+        elif mode == "selfsup":
+            self.train_transform = CropViews(self.recipe)
+        elif self.kind == "pil":
+            self.train_transform = supervised_transform(self.size)
+        else:
+            self.train_transform = uint8_supervised_transform(self.size)
+
+    def views(self, batch_views) -> list[torch.Tensor]:
+        """The device stage of the self-supervised views: normalised float batches on the device."""
+        if self.kind == "pil":
+            return [v.to(self.device, non_blocking=True) for v in batch_views]
+        if isinstance(batch_views, dict):  # JPEG bytes, decoded on the GPU
+            crops = decode_and_crop(
+                batch_views["data"], batch_views["crops"], self.size, self.device
+            )
+            pairs = zip(crops, batch_views["params"])
+        else:
+            pairs = batch_views
+        return [augment_batch(x, p, self.recipe, self.device) for x, p in pairs]
+
+    def images(self, x: torch.Tensor) -> torch.Tensor:
+        """The device stage of a supervised batch (uint8 -> normalised float on the device)."""
+        if self.kind == "pil":
+            return x.to(self.device, non_blocking=True)
+        return normalize_uint8(x, self.device)
 
 
 # ---------------------------------------------------------------------------- dataset
@@ -142,11 +307,14 @@ class SafeImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _load(self, i: int) -> tuple[Image.Image, int, int]:
+    def _load(self, i: int, read=None) -> tuple:
+        """Item i read by ``read(path)`` (default: a PIL RGB image), or the next readable one."""
         for k in range(len(self.samples)):
             j = (i + k) % len(self.samples)
             path, label = self.samples[j]
             try:
+                if read is not None:
+                    return read(path), label, j
                 with Image.open(path) as im:
                     return im.convert("RGB"), label, j
             except Exception:
@@ -156,14 +324,20 @@ class SafeImageFolder(Dataset):
 
     def __getitem__(self, key):
         i, epoch = key if isinstance(key, tuple) else (key, -1)
-        img, label, _ = self._load(int(i))
+        img, label, _ = self._load(int(i), getattr(self.transform, "read", None))
         if self.transform is None:
             return img, label, int(i)
         with torch.random.fork_rng(devices=[]):
-            # the crops of image i at epoch e are a pure function of (SEED, e, i)
-            torch.manual_seed((self.seed * 1_000_003 + (epoch + 1) * 7_919_111 + int(i)) % 2**62)
+            # the crops of image i at epoch e are a pure function of (SEED, e, i); only the CPU
+            # generator is seeded (torch.manual_seed would also queue CUDA seeding, per item)
+            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, int(i)))
             out = self.transform(img)
         return out, label, int(i)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The RNG seed of every random draw made for dataset item ``index`` at ``epoch``."""
+    return (seed * 1_000_003 + (epoch + 1) * 7_919_111 + index) % 2**62
 
 
 def resolve_data_root(cfg) -> Path:
@@ -178,7 +352,7 @@ def resolve_data_root(cfg) -> Path:
 
 
 def make_toy(root: Path) -> None:
-    """Generate the toy ImageNet folder (mcl_det.data.toy; a tiny local fallback until it exists)."""
+    """Generate the toy ImageNet folder (mcl_det.data.toy; a tiny fallback until it exists)."""
     try:
         from ..data.toy import make_toy_imagenet
     except ImportError:  # pragma: no cover - only before mcl_det.data.toy is available

@@ -33,12 +33,10 @@ from .checkpoint import unwrap as unwrap_model
 from .config import member_archs
 from .data import (
     EpochBatchSampler,
+    InputPipeline,
     SafeImageFolder,
-    TwoCrops,
     eval_transform,
-    moco_v2_transform,
     resolve_data_root,
-    supervised_transform,
 )
 from .models import build_cohort
 from .monitor import Logger, Progress, knn_top1, member_metrics
@@ -235,10 +233,8 @@ class Trainer:
         du.barrier()
         root = resolve_data_root(cfg)
         size = cfg.DATA.IMAGE_SIZE
-        if cfg.MODE == "selfsup":
-            tf = TwoCrops(moco_v2_transform(size, cfg.DATA.AUG))
-        else:
-            tf = supervised_transform(size)
+        self.pipeline = InputPipeline(cfg, self.device)  # DATA.PIPELINE: CPU and device stages
+        tf = self.pipeline.train_transform
         scan = cfg.DATA.SCAN_IMAGES
         self.train_set = SafeImageFolder(root / cfg.DATA.TRAIN_DIR, tf, cfg.SEED, scan)
         if self.main and self.train_set.skipped:
@@ -263,6 +259,7 @@ class Trainer:
             num_workers=cfg.DATA.NUM_WORKERS,
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator().manual_seed(cfg.SEED),  # keep the global RNG untouched
+            collate_fn=self.pipeline.collate_fn,
         )
         if cfg.MODE == "supervised" and self.use_bank:
             self.blocks = class_blocks(self.train_set.targets)
@@ -311,7 +308,9 @@ class Trainer:
         )
 
     def step_selfsup(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], list]:
-        (x_q, x_k), _, _ = batch
+        views, _, _ = batch
+        # ---- device stage of the input pipeline (DATA.PIPELINE): jitter, blur, ... normalise
+        x_q, x_k = self.pipeline.views(views)
         with autocast_ctx(self.cfg, self.device):
             return selfsup_loss(
                 self.model, self._to(x_q), self._to(x_k), self.cfg.LOSS.TAU, self.cfg.LOSS.T,
@@ -320,6 +319,7 @@ class Trainer:
 
     def step_supervised(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], list]:
         x, y, idx = batch
+        x = self.pipeline.images(x)  # ---- device stage of the input pipeline (DATA.PIPELINE)
         y = y.to(self.device)
         with autocast_ctx(self.cfg, self.device):
             cls_logits, zs = self.model(self._to(x))

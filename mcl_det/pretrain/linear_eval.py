@@ -25,7 +25,7 @@ from ..utils.io import atomic_write_json
 from ..utils.malloc import keep_freed_memory
 from .checkpoint import load_checkpoint
 from .config import get_pretrain_cfg
-from .data import SafeImageFolder, eval_transform, resolve_data_root, supervised_transform
+from .data import InputPipeline, SafeImageFolder, eval_transform, resolve_data_root
 from .models import build_resnet, resnet_features
 
 
@@ -76,7 +76,8 @@ def run_linear_eval(
 
     root = resolve_data_root(cfg)
     size, lc = cfg.DATA.IMAGE_SIZE, cfg.LINEAR
-    train_set = SafeImageFolder(root / cfg.DATA.TRAIN_DIR, supervised_transform(size), cfg.SEED)
+    pipeline = InputPipeline(cfg, device, mode="supervised")  # crop + flip; normalise below
+    train_set = SafeImageFolder(root / cfg.DATA.TRAIN_DIR, pipeline.train_transform, cfg.SEED)
     val_set = SafeImageFolder(root / cfg.DATA.VAL_DIR, eval_transform(size), cfg.SEED)
     bs = min(lc.IMS_PER_BATCH, len(train_set))
     g = torch.Generator().manual_seed(cfg.SEED)
@@ -99,7 +100,7 @@ def run_linear_eval(
     for _epoch in range(lc.EPOCHS):
         for x, y, _ in train_loader:
             with torch.no_grad():
-                f = resnet_features(backbone, x.to(device))  # NxD, frozen
+                f = resnet_features(backbone, pipeline.images(x))  # NxD, frozen
             loss = F.cross_entropy(head(f), y.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
