@@ -287,7 +287,7 @@ def test_plain_torchvision_wrapped_or_not(tmp_path, wrap):
     torch.save(sd if wrap is None else {wrap: sd, "epoch": 1}, tmp_path / "p.pth")
     src = read_checkpoint(tmp_path / "p.pth")
     assert src.kind == "torchvision" and len(src.members) == 1
-    assert "conv1.weight" in src.state  # module. prefix removed
+    assert "conv1.weight" in src.states[0]  # module. prefix removed
 
 
 def test_resume_state_with_numpy_objects_loads(tmp_path):
