@@ -71,7 +71,11 @@ def _data_only_globals() -> list[Any]:
     import argparse
 
     import numpy as np
-    from numpy._core.multiarray import _reconstruct, scalar
+
+    try:
+        from numpy._core.multiarray import _reconstruct, scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct, scalar
 
     return [
         np.ndarray,
