@@ -1,9 +1,9 @@
-"""Time to convert + verify one ResNet-50 cohort member on CPU (issue 4 target: < 10 s).
+"""Time to convert + verify one ResNet-50 cohort member on CPU (target: < 10 s).
 
 A two-member cohort checkpoint (R50 + R18, with momentum encoders, heads and queues, as
 pretrain/main.py writes them) is built in a temporary folder, then member 0 is converted with and
 without verification, alternating, so that machine load hits both alike. Reported: median wall
-time of each, their ratio (what verification costs),.
+time of each and their ratio (what verification costs).
 
     python benchmarks/bench_convert.py [--rounds 3]
 
@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mcl_det import convert  # noqa: E402
+from mcl_det.pretrain.checkpoint import FORMAT, member_prefix  # noqa: E402
 from mcl_det.utils.io import atomic_write_json  # noqa: E402
 
 TARGET_S = 10.0
@@ -38,12 +39,12 @@ def make_cohort(path: Path) -> None:
         sd = getattr(torchvision.models, arch)().state_dict()
         for name, t in sd.items():
             if not name.startswith("fc."):
-                model[f"members.{k}.encoder.{name}"] = t
+                model[member_prefix(k) + name] = t
                 model[f"members.{k}.encoder_k.{name}"] = t.clone()
         model[f"members.{k}.head.0.weight"] = torch.randn(2048, 2048)
         model[f"queue_{k}"] = torch.randn(128, 65536)
     ckpt = {
-        "format": convert.COHORT_FORMAT,
+        "format": FORMAT,
         "mode": "selfsup",
         "archs": ["resnet50", "resnet18"],
         "config": "",

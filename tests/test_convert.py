@@ -17,14 +17,9 @@ from clitools import run_tool
 from yacs.config import CfgNode
 
 from mcl_det import convert
-from mcl_det.convert import (
-    check_weights_against_config,
-    convert_checkpoint,
-    read_checkpoint,
-    rename_to_d2,
-    tv_to_d2_name,
-)
+from mcl_det.convert import convert_checkpoint, read_checkpoint, rename_to_d2, tv_to_d2_name
 from mcl_det.utils.errors import MCLDetError
+from mcl_det.weights_settings import check_weights_against_config, yaml_path_for
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "convert_to_d2.py"
@@ -165,7 +160,7 @@ def test_every_depth_converts_and_verifies(tmp_path, depth):
     assert len(data["model"]) == len(expect)
     for k, v in expect.items():
         np.testing.assert_array_equal(data["model"][tv_to_d2_name(k)], v.numpy())
-    y = convert.yaml_path_for(out).read_text()
+    y = yaml_path_for(out).read_text()
     assert "# MCL_DET:" in y
     assert yaml.safe_load(y) == {
         "INPUT": {"FORMAT": "RGB"},
@@ -246,7 +241,7 @@ def test_cohort_selfsup_member_and_dropped_keys(tmp_path, cohort_path):
 
 
 def rep_yaml(pkl: Path) -> str:
-    return convert.yaml_path_for(pkl).read_text()
+    return yaml_path_for(pkl).read_text()
 
 
 def test_cohort_ddp_prefix_and_mixed_depths(tmp_path):
@@ -287,7 +282,7 @@ def test_plain_torchvision_wrapped_or_not(tmp_path, wrap):
     torch.save(sd if wrap is None else {wrap: sd, "epoch": 1}, tmp_path / "p.pth")
     src = read_checkpoint(tmp_path / "p.pth")
     assert src.kind == "torchvision" and len(src.members) == 1
-    assert "conv1.weight" in src.state  # module. prefix removed
+    assert "conv1.weight" in src.states[0]  # module. prefix removed
 
 
 def test_resume_state_with_numpy_objects_loads(tmp_path):
@@ -348,7 +343,7 @@ def test_pkl_loads_into_faster_rcnn(tmp_path, zoo_file, depth, opts, prefixes):
     torch.save(sd, tmp_path / "w.pth")
     out = tmp_path / "w.pkl"
     convert_checkpoint(tmp_path / "w.pth", out, verify=False)
-    cfg = _frcnn_cfg(zoo_file, opts, convert.yaml_path_for(out))
+    cfg = _frcnn_cfg(zoo_file, opts, yaml_path_for(out))
     assert cfg.MODEL.RESNETS.DEPTH == depth
     check_weights_against_config(cfg, out)  # consistent -> no error
     model = build_model(cfg)
@@ -440,6 +435,21 @@ def test_check_weights_without_yaml_is_unchecked(tmp_path):
     (tmp_path / "zoo.yaml").write_text("MODEL:\n  RESNETS:\n    DEPTH: 50\n")  # not ours
     check_weights_against_config(_cfg(INPUT__FORMAT="BGR"), tmp_path / "zoo.pkl")
     check_weights_against_config(_cfg(), "detectron2://ImageNetPretrained/MSRA/R-50.pkl")
+
+
+def test_check_weights_warns_once_when_our_yaml_is_missing(r18_weights, tmp_path, caplog):
+    """A converted .pkl whose settings file went missing: one warning saying so, no error."""
+    lone = tmp_path / "member0.pkl"
+    shutil.copy(r18_weights, lone)
+    with caplog.at_level(logging.WARNING, logger="mcl_det"):
+        check_weights_against_config(_cfg(INPUT__FORMAT="BGR"), lone)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "NOT checked" in warnings[0] and "member0.yaml" in warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mcl_det"):
+        check_weights_against_config(_cfg(), r18_weights)  # YAML present: checked, silent
+        check_weights_against_config(_cfg(), "detectron2://ImageNetPretrained/MSRA/R-50.pkl")
+    assert not caplog.records
 
 
 # ----------------------------------------------------------------------------- CLI

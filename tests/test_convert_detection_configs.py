@@ -1,4 +1,4 @@
-"""Converted weights load into the detectors of our own detection_configs/, every backbone key found.
+"""Converted weights load into the detectors of our detection_configs/, every backbone key found.
 
 The converter's own tests use detectron2's model-zoo configs; this closes the loop with the configs
 users actually run (C4 with the BasicBlock / extra-norm res5 head, FPN, Mask R-CNN).
@@ -14,8 +14,9 @@ import torchvision
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
-from mcl_det.convert import check_weights_against_config, convert_checkpoint
+from mcl_det.convert import convert_checkpoint
 from mcl_det.detection.train import setup_cfg
+from mcl_det.weights_settings import check_weights_against_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,6 +2,7 @@
 """Export one MCL cohort member (or a MoCo / torchvision ResNet) to detectron2 weights.
 
     python tools/convert_to_d2.py INPUT OUTPUT.pkl [--member K|best] [--list] [--no-verify]
+                                  [--unsafe-load]
 
 Writes OUTPUT.pkl and OUTPUT.yaml (the detectron2 settings the weights need) only after the
 conversion was verified against torchvision. All logic lives in mcl_det/convert.py.
@@ -27,6 +28,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--list", action="store_true", help="list the members and exit")
     p.add_argument("--no-verify", action="store_true", help="skip the numerical verification")
     p.add_argument("--quiet", action="store_true", help="do not log the key mapping")
+    p.add_argument(
+        "--unsafe-load",
+        action="store_true",
+        help="unpickle an input that holds Python objects beyond tensors and plain containers;\n"
+        "unpickling can run code: only for files you trust",
+    )
     return p.parse_args(argv)
 
 
@@ -45,12 +52,12 @@ def main() -> int:
     from mcl_det.utils.errors import MCLDetError
 
     if args.list:
-        print(convert.format_member_table(convert.list_members(args.input)))
+        print(convert.format_member_table(convert.list_members(args.input, args.unsafe_load)))
         return 0
     if not args.output:
         raise MCLDetError("missing OUTPUT (a .pkl path); or use --list to see the members")
     report = convert.convert_checkpoint(
-        args.input, args.output, args.member, verify=not args.no_verify
+        args.input, args.output, args.member, not args.no_verify, args.unsafe_load
     )
     if args.member.strip().lower() == "best":
         print(f"--member best: picked member {report.member} ({report.arch}, {report.metric})")

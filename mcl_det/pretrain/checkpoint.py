@@ -1,16 +1,22 @@
-"""Pretraining checkpoints in the ``mcl_det.pretrain/v1`` format of docs/DESIGN.md.
+"""The pretraining checkpoint format, ``mcl_det.pretrain/v1`` (layout in docs/DESIGN.md).
+
+This module is the one place that knows the format: its tag, the layout of the saved dict, where
+a member's backbone lives (``member_state``) and how RNG states are stored. Writers and readers
+(pretraining resume, the converter, linear evaluation) go through it.
 
 Everything needed to continue bit-for-bit on CPU is in the file: every member (query encoders,
 momentum encoders, heads, classifiers), the queues or banks, optimizer, lr schedule position, AMP
 scaler, epoch/iteration, the RNG states of torch/CUDA/python/numpy and the resolved config.
-(The authors' code saved none of heads / banks, so a resume silently re-initialised them.)
+Everything is a tensor or a plain value (the config as YAML text, RNG states as tensors), so a
+checkpoint loads with ``torch.load(weights_only=True)``: reading one never runs code.
 """
 
 from __future__ import annotations
 
 import os
 import random
-from pathlib import Path
+from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -18,10 +24,11 @@ import torch
 from torch import nn
 
 from ..utils.errors import MCLDetError
-from ..utils.io import atomic_torch_save
+from ..utils.io import atomic_torch_save, load_torch
 
 FORMAT = "mcl_det.pretrain/v1"
 LAST = "checkpoint_last.pth"
+_PLAIN = (str, bytes, int, float, bool, type(None), torch.Tensor, torch.dtype, torch.device)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -31,11 +38,53 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def member_prefix(k: int) -> str:
+    """Key prefix of member ``k``'s backbone inside ``ckpt['model']``."""
+    return f"members.{k}.encoder."
+
+
+def member_state(ckpt: Mapping[str, Any], k: int) -> dict[str, torch.Tensor]:
+    """Member ``k``'s backbone (query encoder in selfsup, the network in supervised) with
+    torchvision ResNet names (``conv1.weight``, ``layer1.0.bn1.running_mean``, ``fc.*`` if the
+    member has one); empty if the checkpoint has no such member."""
+    p = member_prefix(k)
+    return {name[len(p) :]: v for name, v in ckpt["model"].items() if name.startswith(p)}
+
+
+def member_indices(ckpt: Mapping[str, Any]) -> list[int]:
+    """Indices of the members whose backbone is present in ``ckpt['model']``."""
+    found = {n.split(".")[1] for n in ckpt["model"] if n.startswith("members.")}
+    return sorted(int(k) for k in found if k.isdigit())
+
+
+def is_cohort_checkpoint(obj: Any) -> bool:
+    """Whether ``obj`` looks like this format (tagged, or members under ``model``)."""
+    if not isinstance(obj, Mapping):
+        return False
+    model = obj.get("model")
+    return obj.get("format") == FORMAT or (
+        isinstance(model, Mapping)
+        and any(str(k).removeprefix("module.").startswith("members.") for k in model)
+    )
+
+
 def rng_state() -> dict[str, Any]:
+    """RNG states as tensors and plain values (what ``weights_only`` loading accepts)."""
+    version, mt, gauss = random.getstate()
+    _, key, pos, has_gauss, cached = np.random.get_state(legacy=True)
     state = {
         "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {
+            "version": version,
+            "state": torch.tensor(mt, dtype=torch.int64),
+            "gauss": gauss,
+        },
+        "numpy": {
+            "key": torch.from_numpy(key.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -43,16 +92,39 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore ``rng_state()``; also the raw tuples of checkpoints written before it was plain."""
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    if isinstance(py, Mapping):
+        py = (py["version"], tuple(py["state"].tolist()), py["gauss"])
+    random.setstate(py)
+    if isinstance(npy, Mapping):
+        key = npy["key"].numpy().astype(np.uint32)
+        npy = ("MT19937", key, npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+    np.random.set_state(npy)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _plain(obj: Any, where: str) -> Any:
+    """``obj`` with numpy values turned into tensors / Python numbers; ``TypeError`` on anything
+    that ``weights_only`` loading would refuse (a bug in the caller, caught at write time)."""
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if type(obj) in (dict, OrderedDict):
+        return type(obj)((k, _plain(v, f"{where}.{k}")) for k, v in obj.items())
+    if type(obj) in (list, tuple, set, torch.Size):
+        return type(obj)(_plain(v, f"{where}[{i}]") for i, v in enumerate(obj))
+    if type(obj) in _PLAIN or isinstance(obj, torch.Tensor):
+        return obj
+    raise TypeError(f"checkpoint value {where} is a {type(obj).__name__}; store plain values")
+
+
 def save_checkpoint(path: str | os.PathLike, cohort: nn.Module, cfg, **state: Any) -> None:
     """Write the checkpoint atomically. ``state``: epoch, iteration, optimizer, scheduler, scaler,
-    member_metrics and any extra resume state (stored as given)."""
+    member_metrics and any extra resume state (tensors and plain values only)."""
     cohort = unwrap(cohort)
     ckpt = {
         "format": FORMAT,
@@ -63,21 +135,15 @@ def save_checkpoint(path: str | os.PathLike, cohort: nn.Module, cfg, **state: An
         "rng": rng_state(),
         **state,
     }
-    atomic_torch_save(ckpt, path)
+    atomic_torch_save(_plain(ckpt, "ckpt"), path)
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and validate a checkpoint; every failure is one MCLDetError line."""
-    path = Path(path)
-    if not path.is_file():
-        raise MCLDetError(f"checkpoint not found: {path}; check the path or train first")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise MCLDetError(
-            f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-            "the file is corrupt or not a torch checkpoint: delete it or point to another one"
-        ) from None
+def load_checkpoint(
+    path: str | os.PathLike, unsafe: bool = False, opt_in: str | None = None
+) -> dict[str, Any]:
+    """Read and validate a checkpoint without running code from it (see ``load_torch``: ``opt_in``
+    is the flag that would set ``unsafe``); every failure is one MCLDetError line."""
+    ckpt = load_torch(path, unsafe=unsafe, opt_in=opt_in)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise MCLDetError(
             f"{path} is not an mcl_det pretraining checkpoint (format {FORMAT} expected)"

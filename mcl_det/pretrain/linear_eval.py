@@ -23,7 +23,7 @@ from ..config import merge_cfg, save_cfg
 from ..utils.errors import MCLDetError
 from ..utils.io import atomic_write_json
 from ..utils.malloc import keep_freed_memory
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, member_state
 from .config import get_pretrain_cfg
 from .data import InputPipeline, SafeImageFolder, eval_transform, resolve_data_root
 from .models import build_resnet, resnet_features
@@ -37,12 +37,7 @@ def load_member_backbone(ckpt: dict[str, Any], member: int) -> tuple[nn.Module, 
             f"member index {member} out of range: the checkpoint has {len(archs)} members "
             f"(0..{len(archs) - 1}); pass --member between them"
         )
-    prefix = f"members.{member}.encoder."
-    state = {
-        k[len(prefix) :]: v
-        for k, v in ckpt["model"].items()
-        if k.startswith(prefix) and not k[len(prefix) :].startswith("fc.")
-    }
+    state = {k: v for k, v in member_state(ckpt, member).items() if not k.startswith("fc.")}
     net = build_resnet(archs[member])
     net.load_state_dict(state, strict=True)
     return net, archs[member]
@@ -58,11 +53,16 @@ def linear_eval_cfg(ckpt: dict[str, Any], config_file: str | None, opts: list[st
 
 
 def run_linear_eval(
-    ckpt_path: str, member: int, config_file: str | None = None, opts: list[str] | None = None,
+    ckpt_path: str,
+    member: int,
+    config_file: str | None = None,
+    opts: list[str] | None = None,
     output_dir: str | None = None,
-) -> dict[str, Any]:  # fmt: skip
-    """Train a linear classifier on member ``member``'s frozen backbone; returns/writes top-1."""
-    ckpt = load_checkpoint(ckpt_path)
+    unsafe_load: bool = False,
+) -> dict[str, Any]:
+    """Train a linear classifier on member ``member``'s frozen backbone; returns/writes top-1.
+    ``unsafe_load`` unpickles a checkpoint that holds more than tensors and plain values."""
+    ckpt = load_checkpoint(ckpt_path, unsafe=unsafe_load, opt_in="--unsafe-load")
     cfg = linear_eval_cfg(ckpt, config_file, list(opts or []))
     torch.manual_seed(cfg.SEED)
     backbone, arch = load_member_backbone(ckpt, member)

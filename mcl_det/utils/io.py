@@ -62,3 +62,86 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _data_only_globals() -> list[Any]:
+    """Classes that hold data and run no code when unpickled, allowed on top of torch's
+    weights_only set: numpy arrays/scalars (RNG state in older checkpoints, under numpy 1 and 2
+    module names) and argparse.Namespace (the ``args`` of MoCo-family checkpoints)."""
+    import argparse
+
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _reconstruct, scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct, scalar
+
+    return [
+        np.ndarray,
+        np.dtype,
+        *{type(np.dtype(c)) for c in "?bBhHiIlLqQefdgFDG"},  # numeric dtypes' classes
+        argparse.Namespace,
+        _reconstruct,
+        scalar,
+        (_reconstruct, "numpy.core.multiarray._reconstruct"),
+        (scalar, "numpy.core.multiarray.scalar"),
+    ]
+
+
+def load_torch(
+    path: str | os.PathLike,
+    unsafe: bool = False,
+    opt_in: str | None = "--unsafe-load",
+    what: str = "checkpoint",
+) -> Any:
+    """``torch.load`` to CPU that never runs code from the file unless ``unsafe``.
+
+    Unpickling can execute anything, so a file is read with ``weights_only=True`` (tensors, plain
+    containers, the data-only classes above). One that needs more is refused with an
+    ``MCLDetError`` naming ``opt_in`` (the flag that sets ``unsafe``; ``None``: no such flag, the
+    file is simply not one of ours). With ``unsafe`` such a file is unpickled in full, with a
+    warning: only for files you trust. Missing / unreadable files are ``MCLDetError`` too.
+    """
+    import logging
+    import re
+
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        raise MCLDetError(f"{what} not found: {path}; check the path")
+    if not path.is_file():
+        raise MCLDetError(f"{what} is not a file: {path}; give a .pth / .pth.tar file")
+    try:
+        with torch.serialization.safe_globals(_data_only_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        text = " ".join(str(e).split())
+        if "Weights only load failed" not in text or "Unsupported operand" in text:
+            raise MCLDetError(  # truncated zip, not a torch file, ...
+                f"cannot read checkpoint {path} ({type(e).__name__}: {text[:160]}); the file is "
+                "corrupt or not a torch checkpoint: point to a complete torch.save file"
+            ) from None
+        found = re.search(r"GLOBAL ([\w.]+)|got <class '([\w.]+)'>", text)
+        needs = next((g for g in found.groups() if g), "?") if found else "?"
+    if not unsafe:
+        todo = (
+            f"pass {opt_in} only for files you trust"
+            if opt_in
+            else "a checkpoint written by mcl_det never holds one: point to such a checkpoint"
+        )
+        raise MCLDetError(
+            f"{path} holds Python objects other than tensors and plain containers ({needs}); "
+            f"it was not unpickled because that can run code: {todo}"
+        )
+    logging.getLogger(__name__).warning(
+        "%s: unpickling in full (%s given): this runs any code the file holds", path, opt_in
+    )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise MCLDetError(
+            f"cannot read checkpoint {path} ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
+            "; the file is corrupt or not a torch checkpoint"
+        ) from None
