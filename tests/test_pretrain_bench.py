@@ -13,10 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _run(script, out, *args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), "--device", "cpu", "--out", str(out), *args],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
+    cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--device", "cpu", "--out", str(out)]
+    r = subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads(out.read_text())
     assert json.loads(r.stdout[r.stdout.index("{") :]) == data  # printed == written

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset, Sampler
 from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from ..data.toy import make_toy_imagenet
 from ..utils.errors import MCLDetError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision / ImageNet RGB
@@ -172,32 +173,9 @@ def resolve_data_root(cfg) -> Path:
     if root in ("", "toy"):
         path = Path(TOY_ROOT)
         if not (path / cfg.DATA.TRAIN_DIR).is_dir():
-            make_toy(path)
+            make_toy_imagenet(path)
         return path
     return Path(root)
-
-
-def make_toy(root: Path) -> None:
-    """Generate the toy ImageNet folder (mcl_det.data.toy; a tiny local fallback until it exists)."""
-    try:
-        from ..data.toy import make_toy_imagenet
-    except ImportError:  # pragma: no cover - only before mcl_det.data.toy is available
-        make_toy_imagenet = _tiny_imagefolder
-    make_toy_imagenet(root)
-
-
-def _tiny_imagefolder(root, num_classes=4, train_per_class=16, val_per_class=4, size=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for split, n in (("train", train_per_class), ("val", val_per_class)):
-        for c in range(num_classes):
-            d = Path(root) / split / f"class{c}"
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                base = torch.zeros(3, size, size)
-                base[c % 3] = 0.6
-                noise = torch.rand(3, size, size, generator=g) * 0.4
-                arr = ((base + noise).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
-                Image.fromarray(arr).save(d / f"{i:04d}.JPEG", quality=90)
 
 
 # ---------------------------------------------------------------------------- samplers
