@@ -52,7 +52,8 @@ def ref_ce0(rows) -> float:
 
 
 def ref_kl(student_rows, teacher_rows, t) -> float:
-    """T^2 * mean_i sum_j p_ij (log p_ij - log q_ij), p = softmax(teacher/T), q = softmax(student/T)"""
+    """T^2 * mean_i sum_j p_ij (log p_ij - log q_ij),
+    p = softmax(teacher/T), q = softmax(student/T)"""
     total = 0.0
     for s_row, t_row in zip(student_rows, teacher_rows, strict=True):
         log_q = ref_log_softmax(s_row, t)
@@ -489,9 +490,11 @@ def test_bench_mcl_losses_runs_tiny_and_counts_ops(tmp_path):
     quick = ["--device", "cpu", "--rounds", "1", "--loss-reps", "1", "--no-keep-freed-memory"]
     res = bench.main([*quick, "--no-r18", "--queue", "64", "--out", str(out)])
     assert json.loads(out.read_text()) == res
-    # batched over the cohort: a few dozen ops and nodes, and fewer without the cross terms
-    assert 0 < res["ops"]["vcl_only"]["aten_ops"] < res["ops"]["all"]["aten_ops"] < 60
-    assert 0 < res["ops"]["vcl_only"]["autograd_nodes"] < res["ops"]["all"]["autograd_nodes"] < 40
+    # batched over the cohort: about half the ops and nodes of one CE / KL per pair (124 / 71 at
+    # M = 2), and fewer without the cross terms
+    ops, nodes = res["ops"]["all"]["aten_ops"], res["ops"]["all"]["autograd_nodes"]
+    assert 0 < res["ops"]["vcl_only"]["aten_ops"] < ops <= 64
+    assert 0 < res["ops"]["vcl_only"]["autograd_nodes"] < nodes <= 45
     # with the denominators: one R18 MoCo step (the target's) and a plain R18 SGD step
     tiny = ["--queue", "64", "--batch", "4", "--image-size", "32", "--out", str(out)]
     res = bench.main([*quick, *tiny])

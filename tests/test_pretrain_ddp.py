@@ -45,13 +45,23 @@ def _ddp_worker(cfg_yaml: str, out: str) -> None:
 def test_two_process_gloo_queues_identical_and_aligned(tmp_path):
     root = tmp_path / "data"
     make_toy_imagenet(root, num_classes=2, train_per_class=8, val_per_class=1, size=32)
-    opts = [
-        "DATA.ROOT", str(root), "DATA.IMAGE_SIZE", "32", "OUTPUT_DIR", str(tmp_path / "run"),
-        "MODEL.QUEUE_SIZE", "32", "MODEL.DIM", "16", "SOLVER.IMS_PER_BATCH", "8",
-        "SOLVER.MAX_ITER", "2", "MONITOR.EVAL_PERIOD", "0", "MONITOR.TENSORBOARD", "False",
-        "MONITOR.PROGRESS", "False", "MODEL.SHUFFLE_BN_SPLITS", "1", "DATA.NUM_WORKERS", "0",
-        "MODEL.ARCH", "resnet18", "SOLVER.EPOCH_SNAPSHOT_PERIOD", "0",  # one 0.28 GB checkpoint
-    ]  # fmt: skip
+    opts = {
+        "DATA.ROOT": str(root),
+        "DATA.IMAGE_SIZE": "32",
+        "OUTPUT_DIR": str(tmp_path / "run"),
+        "MODEL.QUEUE_SIZE": "32",
+        "MODEL.DIM": "16",
+        "SOLVER.IMS_PER_BATCH": "8",
+        "SOLVER.MAX_ITER": "2",
+        "MONITOR.EVAL_PERIOD": "0",
+        "MONITOR.TENSORBOARD": "False",
+        "MONITOR.PROGRESS": "False",
+        "MODEL.SHUFFLE_BN_SPLITS": "1",
+        "DATA.NUM_WORKERS": "0",
+        "MODEL.ARCH": "resnet18",
+        "SOLVER.EPOCH_SNAPSHOT_PERIOD": "0",  # one 0.28 GB checkpoint
+    }
+    opts = [x for kv in opts.items() for x in kv]
     cfg = setup_pretrain_cfg(None, opts, cohort=2)
     du.launch(_ddp_worker, 2, (cfg.dump(), str(tmp_path)))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))

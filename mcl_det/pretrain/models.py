@@ -453,7 +453,7 @@ class BankSupervisedCohort(SupervisedCohort):
 
 def class_blocks(targets: list[int]) -> tuple[Tensor, Tensor]:
     """(start, count) of each class in a class-sorted sample list (SafeImageFolder order)."""
-    t = torch.as_tensor(targets)
+    t = torch.as_tensor(targets, device="cpu")  # sampled on the CPU, whatever the device
     if bool((t[1:] < t[:-1]).any()):
         raise RuntimeError("bank sampling needs samples sorted by class")
     count = torch.bincount(t)
