@@ -34,7 +34,7 @@ def get_pretrain_cfg() -> CN:
     _C.SEED = 0
     _C.DEVICE = ""  # "" -> cuda when available, else cpu
     # CPU runs: glibc keeps freed buffers for reuse instead of page-faulting them in again every
-    # step (R18 x 2 step 16% faster here; the RSS stays near its peak). No effect on a GPU.
+    # step (the RSS stays near its peak). No effect on a GPU.
     _C.CPU_KEEP_FREED_MEMORY = True
 
     _C.MODEL = CN()
