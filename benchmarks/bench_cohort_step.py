@@ -32,7 +32,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mcl_det.pretrain import losses  # noqa: E402
-from mcl_det.pretrain.engine import selfsup_loss  # noqa: E402
 from mcl_det.pretrain.models import SelfSupCohort  # noqa: E402
 from mcl_det.utils.malloc import keep_freed_memory  # noqa: E402
 
@@ -42,18 +41,20 @@ MOCO = {"vcl": 1.0, "icl": 0.0, "soft_vcl": 0.0, "soft_icl": 0.0}
 
 def build(args, members: int, device):
     torch.manual_seed(0)
-    model = SelfSupCohort([args.arch] * members, queue_size=args.queue).to(device)
+    weights = ALL if members > 1 else MOCO
+    model = SelfSupCohort([args.arch] * members, queue_size=args.queue, weights=weights)
+    model = model.to(device)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.03, momentum=0.9)
     return model, opt
 
 
-def step(model, opt, x_q, x_k, weights, sync):
+def step(model, opt, x_q, x_k, sync):
     t = time.perf_counter()
-    loss, _, ks = selfsup_loss(model, x_q, x_k, 0.2, 3.0, weights)
+    out = model.training_step(model, ((x_q, x_k), None, None))
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    out.loss.backward()
     opt.step()
-    model.enqueue(ks)
+    model.after_step(out.state)
     sync()
     return time.perf_counter() - t
 
@@ -68,12 +69,11 @@ def terms_only(args, device, sync):
 
     qs = [rnd(n, c).requires_grad_() for _ in range(args.members)]
     ks = [rnd(n, c) for _ in range(args.members)]
-    buffer = rnd(args.members, k, c)  # MxKxC: the queues are its rows, as in SelfSupCohort
-    queues = [buffer[m] for m in range(args.members)]
+    queue = rnd(args.members, k, c)  # MxKxC, as in SelfSupCohort
     times = []
     for _ in range(args.warmup + args.iters):
         t = time.perf_counter()
-        logits = losses.cohort_logits(qs, ks, queues, 0.2)
+        logits = losses.cohort_logits(torch.stack(qs), torch.stack(ks), queue, 0.2)
         losses.combine(losses.mcl_loss_terms(logits, 3.0), ALL).backward()
         sync()
         times.append(time.perf_counter() - t)
@@ -98,7 +98,7 @@ def memory_worker(args) -> None:
     model, opt = build(args, args.members_worker, device)
     x = torch.randn(2, args.batch, 3, args.size, args.size, device=device)
     for _ in range(2):
-        step(model, opt, x[0], x[1], ALL if args.members_worker > 1 else MOCO, lambda: None)
+        step(model, opt, x[0], x[1], lambda: None)
     peak = _proc_status_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"rss_delta_mib": (peak - base) / 1024}))
 
@@ -144,8 +144,8 @@ def main() -> None:
     cohort, opt2 = build(args, args.members, device)
     t1, t2 = [], []
     for i in range(args.warmup + args.iters):
-        a = step(single, opt1, x[0], x[1], MOCO, sync)
-        b = step(cohort, opt2, x[0], x[1], ALL, sync)
+        a = step(single, opt1, x[0], x[1], sync)
+        b = step(cohort, opt2, x[0], x[1], sync)
         if i >= args.warmup:
             t1.append(a)
             t2.append(b)
@@ -161,16 +161,17 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
             model, opt = build(args, m, device)
             for _ in range(2):
-                step(model, opt, x[0], x[1], ALL if m > 1 else MOCO, sync)
+                step(model, opt, x[0], x[1], sync)
             mem[m] = torch.cuda.max_memory_allocated() / 2**20
             del model, opt
         how = "torch.cuda.max_memory_allocated (includes the input batch)"
     else:
         mem = {}
         for m in (1, args.members):
-            cmd = [sys.executable, __file__, "--memory-worker", str(m), "--arch", args.arch,
-                   "--batch", str(args.batch), "--size", str(args.size), "--queue", str(args.queue),
-                   "--device", "cpu", "--threads", str(args.threads)]  # fmt: skip
+            sizes = ["--batch", str(args.batch), "--size", str(args.size)]
+            cmd = [sys.executable, __file__, "--memory-worker", str(m), "--arch", args.arch]
+            cmd += [*sizes, "--queue", str(args.queue), "--device", "cpu"]
+            cmd += ["--threads", str(args.threads)]
             if not args.keep_freed_memory:
                 cmd.append("--no-keep-freed-memory")
             r = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -179,18 +180,28 @@ def main() -> None:
 
     result = {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "arch": args.arch, "members": args.members, "batch": args.batch, "size": args.size,
-        "queue": args.queue, "iters": args.iters, "torch_threads": torch.get_num_threads(),
-        "step_s_single": s1, "step_s_cohort": s2,
-        "step_time_ratio": s2 / s1, "step_time_ratio_target": 2.05,
-        "mcl_terms_s": t_terms, "mcl_terms_share_of_cohort_step": t_terms / s2,
+        "arch": args.arch,
+        "members": args.members,
+        "batch": args.batch,
+        "size": args.size,
+        "queue": args.queue,
+        "iters": args.iters,
+        "torch_threads": torch.get_num_threads(),
+        "step_s_single": s1,
+        "step_s_cohort": s2,
+        "step_time_ratio": s2 / s1,
+        "step_time_ratio_target": 2.05,
+        "mcl_terms_s": t_terms,
+        "mcl_terms_share_of_cohort_step": t_terms / s2,
         "mcl_terms_share_of_single_step": t_terms / s1,
         "mcl_terms_share_target": 0.05,
-        "peak_mem_mib_single": mem[1], "peak_mem_mib_cohort": mem[args.members],
-        "peak_mem_ratio": mem[args.members] / max(mem[1], 1e-9), "peak_mem_ratio_target": 2.1,
+        "peak_mem_mib_single": mem[1],
+        "peak_mem_mib_cohort": mem[args.members],
+        "peak_mem_ratio": mem[args.members] / max(mem[1], 1e-9),
+        "peak_mem_ratio_target": 2.1,
         "memory_measured_with": how,
         "cpu_keep_freed_memory": kept,
-    }  # fmt: skip
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

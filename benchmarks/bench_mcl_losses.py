@@ -1,31 +1,27 @@
-"""Cost of the four MCL terms: the current losses vs the previous per-pair version, and vs one
-ResNet-18 training step, all measured side by side in one process.
+"""Cost of the four MCL terms against one ResNet-18 training step, measured side by side.
 
-Target (issue 3): all four terms at K=65536, M=2, N=32, C=128, forward + backward, < 5% of an
-R18 step at batch 32: the step of ONE R18 MoCo v2 network as the engine runs it (the network the
-cohort is compared with: cohort step <= 2.05 x that step). A plain R18 SGD step (no key
-encoder, no queue) is timed too, as a stricter denominator (ratio_vs_plain_r18). On a GPU that cost is launch-bound (many small kernels),
-so besides milliseconds this reports two machine-independent proxies: the aten ops that reach a
-backend (views excluded) in one loss forward + backward, counted with a TorchDispatchMode on
-CPU, and the nodes of the loss's autograd graph (host work per step on top of the kernels);
-with --device cuda also the CUDA kernels/memcpys the profiler sees.
+Target: all four terms at K=65536, M=2, N=32, C=128, forward + backward, < 5% of an R18 step at
+batch 32: the step of ONE R18 MoCo v2 network as the engine runs it (the network the cohort is
+compared with). A plain R18 SGD step (no key encoder, no queue) is timed too, as a stricter
+denominator (ratio_vs_plain_r18). The loss is the library's (``losses.cohort_logits`` against one
+MxKxC queue buffer, ``losses.mcl_loss_terms``, ``losses.combine``), as ``SelfSupCohort.loss``
+runs it. On a GPU that cost is launch-bound (many small kernels), so besides milliseconds this
+reports two machine-independent proxies: the aten ops that reach a backend (views excluded) in one
+loss forward + backward, counted with a TorchDispatchMode on CPU, and the nodes of the loss's
+autograd graph (host work per step on top of the kernels); with --device cuda also the CUDA
+kernels/memcpys the profiler sees. Loss steps and network steps are interleaved so machine load
+hits both alike; the ratios of medians (and of minima) are the numbers that matter.
 
-The previous implementation (one cat, CE, log-softmax and KL per pair) is frozen below as
-``old_*`` so both can be timed in the same run; "old" and "new" steps are interleaved so machine
-load hits both alike. The ratios of medians are the numbers that matter.
-
-    python benchmarks/bench_mcl_losses.py --threads 1              # CPU shared with other jobs
+    python benchmarks/bench_mcl_losses.py --threads 2              # CPU shared with other jobs
     python benchmarks/bench_mcl_losses.py --image-size 112 --rounds 3 --threads 1  # quicker
     python benchmarks/bench_mcl_losses.py --device cuda            # on a GPU
-    python benchmarks/bench_mcl_losses.py --no-r18 --threads 1     # loss old vs new only
+    python benchmarks/bench_mcl_losses.py --no-r18 --threads 1     # the loss alone
 
-Queues are views of one MxKxC buffer as in the engine (SelfSupCohort.queue_list);
---separate-queues passes independent tensors instead (the slower fallback path).
 On an oversubscribed CPU, multi-threaded runs of the (short, many-op) loss step suffer far more
 than the (long, conv-bound) R18 step and the ratio is meaningless; use --threads 1 there.
 CPU timings also depend on glibc malloc: by default buffers over its mmap threshold (at most
-32 MiB; the batched MxMxNx(1+K) logits are 32 MiB + 512 B at the default sizes) are returned to
-the OS on free and page-faulted in again on every use. Pretraining raises the thresholds on CPU
+32 MiB; the MxMxNx(1+K) logits are 32 MiB + 512 B at the default sizes) are returned to the OS on
+free and page-faulted in again on every use. Pretraining raises the thresholds on CPU
 (CPU_KEEP_FREED_MEMORY, mcl_det/utils/malloc.py) and so does this benchmark, unless
 --no-keep-freed-memory; the JSON records the setting.
 
@@ -54,7 +50,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mcl_det.pretrain import losses as L  # noqa: E402
-from mcl_det.pretrain.engine import selfsup_loss  # noqa: E402
 from mcl_det.pretrain.models import SelfSupCohort  # noqa: E402
 from mcl_det.utils.io import atomic_write_json  # noqa: E402
 from mcl_det.utils.malloc import keep_freed_memory  # noqa: E402
@@ -80,118 +75,36 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-# --------------------------------------------------------------------------------------------
-# The previous implementation, frozen for side-by-side timing (do not "fix" it: it is the
-# baseline). Same values as the current one; one cat / CE / log-softmax / KL per pair.
-# --------------------------------------------------------------------------------------------
-
-
-def _old_upcast(x: Tensor) -> Tensor:
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def old_cohort_logits(qs, ks, queues, tau, cross=True):
-    m, n = len(qs), qs[0].shape[0]
-    out = [[None] * m for _ in range(m)]
-    if not cross:
-        for a in range(m):
-            q = qs[a] / tau
-            pos = (q * ks[a]).sum(dim=1, keepdim=True)
-            out[a][a] = torch.cat([pos, q @ queues[a].t()], dim=1)
-        return out
-    q_all = torch.cat(list(qs), dim=0) / tau
-    for b in range(m):
-        negs = (q_all @ queues[b].t()).split(n)
-        poss = (q_all.view(m, n, -1) * ks[b]).sum(dim=2, keepdim=True).unbind(0)
-        for a in range(m):
-            out[a][b] = torch.cat([poss[a], negs[a]], dim=1)
-    return out
-
-
-def _old_log_soft(logits, T):
-    return F.log_softmax(_old_upcast(logits) / T, dim=1)
-
-
-def _old_kl(log_p_student, log_p_teacher, T):
-    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
-    return kl * (T * T)
-
-
-def _old_ce0(logits):
-    target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-    return F.cross_entropy(_old_upcast(logits), target)
-
-
-def old_mcl_loss_terms(logits, T=3.0, needed=None):
-    needed = set(L.TERMS) if needed is None else set(needed)
-    m = len(logits)
-    pairs = [(a, b) for a in range(m) for b in range(m) if a != b]
-    out = {}
-    if "vcl" in needed:
-        out["vcl"] = sum(_old_ce0(logits[a][a]) for a in range(m))
-    if "icl" in needed:
-        out["icl"] = sum(_old_ce0(logits[a][b]) for a, b in pairs)
-    if "soft_vcl" in needed:
-        diag = [_old_log_soft(logits[a][a], T) for a in range(m)]
-        out["soft_vcl"] = sum(_old_kl(diag[a], diag[b].detach(), T) for a, b in pairs)
-    if "soft_icl" in needed:
-        cross = {(a, b): _old_log_soft(logits[a][b], T) for a, b in pairs}
-        out["soft_icl"] = sum(_old_kl(cross[a, b], cross[b, a].detach(), T) for a, b in pairs)
-    return out
-
-
-def old_combine(terms, weights):
-    total = None
-    for name, w in weights.items():
-        if w == 0:
-            continue
-        part = terms[name] * w
-        total = part if total is None else total + part
-    return total
-
-
-IMPLS = {
-    "old": (old_cohort_logits, old_mcl_loss_terms, old_combine),
-    "new": (L.cohort_logits, L.mcl_loss_terms, L.combine),
-}
-
-
-# --------------------------------------------------------------------------------------------
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def make_inputs(m: int, n: int, c: int, k: int, device: torch.device, separate: bool):
-    """Fixed embeddings; queues as views of one MxKxC buffer (the engine's layout) or separate."""
+def make_inputs(m: int, n: int, c: int, k: int, device: torch.device):
+    """Fixed per-member embeddings (M x NxC, queries with grad) and one MxKxC queue buffer."""
     g = torch.Generator().manual_seed(0)
     qs = [F.normalize(torch.randn(n, c, generator=g), dim=1).to(device) for _ in range(m)]
     ks = [F.normalize(torch.randn(n, c, generator=g), dim=1).to(device) for _ in range(m)]
-    buffer = F.normalize(torch.randn(m, k, c, generator=g), dim=2).to(device)
-    queues = [buffer[i].clone() for i in range(m)] if separate else [buffer[i] for i in range(m)]
-    return [q.requires_grad_() for q in qs], ks, queues
+    queue = F.normalize(torch.randn(m, k, c, generator=g), dim=2).to(device)
+    return [q.requires_grad_() for q in qs], ks, queue
 
 
-def loss_forward(impl: str, inputs, tau: float, weights: dict[str, float]) -> Tensor:
-    """The MCL loss (logits + terms + weighted sum) of one implementation, forward only."""
-    cohort_logits, mcl_loss_terms, combine = IMPLS[impl]
-    qs, ks, queues = inputs
+def loss_forward(inputs, tau: float, weights: dict[str, float]) -> Tensor:
+    """The MCL loss (logits + terms + weighted sum) as SelfSupCohort.loss computes it."""
+    qs, ks, queue = inputs
     needed = L.needed_terms(weights)
-    grid = cohort_logits(qs, ks, queues, tau, cross=L.needs_cross(needed))
-    return combine(mcl_loss_terms(grid, T=3.0, needed=needed), weights)
+    q, k = torch.stack(qs), torch.stack(ks)  # MxNxC
+    logits = L.cohort_logits(q, k, queue, tau, cross=L.needs_cross(needed))
+    return L.combine(L.mcl_loss_terms(logits, T=3.0, needed=needed), weights)
 
 
-def make_loss_step(
-    impl: str, inputs, tau: float, weights: dict[str, float]
-) -> Callable[[], Tensor]:
+def make_loss_step(inputs, tau: float, weights: dict[str, float]) -> Callable[[], Tensor]:
     """One MCL loss forward + backward from fixed embeddings (the encoders are not included)."""
 
     def step() -> Tensor:
         for q in inputs[0]:
             q.grad = None
-        loss = loss_forward(impl, inputs, tau, weights)
+        loss = loss_forward(inputs, tau, weights)
         loss.backward()
         return loss.detach()
 
@@ -218,19 +131,19 @@ def make_r18_step(batch: int, size: int, device: torch.device) -> Callable[[], T
 def make_moco_step(batch: int, size: int, queue: int, device: torch.device):
     """One MoCo v2 step of ONE R18 network, as the engine runs it (query forward + backward,
     momentum update, key forward, its own queue logits, SGD, enqueue): the network the cohort
-    is compared with (issue 3: cohort step <= 2.05 x this, the MCL terms < 5% of it)."""
-    model = SelfSupCohort(["resnet18"], queue_size=queue).to(device).train()
+    is compared with (cohort step <= 2.05 x this, the MCL terms < 5% of it)."""
+    model = SelfSupCohort(["resnet18"], queue_size=queue, weights=VCL_ONLY).to(device).train()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.03)
-    x_q = torch.randn(batch, 3, size, size, device=device)
-    x_k = torch.randn(batch, 3, size, size, device=device)
+    views = [torch.randn(batch, 3, size, size, device=device) for _ in range(2)]  # x_q, x_k
+    batch_ = (views, None, None)
 
     def step() -> Tensor:
-        loss, _, ks = selfsup_loss(model, x_q, x_k, 0.2, 3.0, VCL_ONLY)
+        out = model.training_step(model, batch_)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        out.loss.backward()
         opt.step()
-        model.enqueue(ks)
-        return loss.detach()
+        model.after_step(out.state)
+        return out.loss.detach()
 
     return step
 
@@ -248,10 +161,10 @@ def count_ops(step: Callable[[], Tensor]) -> int:
     return sum(counter.ops.values())
 
 
-def count_autograd_nodes(impl: str, inputs, tau: float, weights: dict[str, float]) -> int:
+def count_autograd_nodes(inputs, tau: float, weights: dict[str, float]) -> int:
     """Nodes of the loss's autograd graph (AccumulateGrad leaves included): each costs host
     time on every step in the forward (recording) and in the backward (running it)."""
-    loss = loss_forward(impl, inputs, tau, weights)
+    loss = loss_forward(inputs, tau, weights)
     seen, todo = set(), [loss.grad_fn]
     while todo:
         node = todo.pop()
@@ -283,14 +196,6 @@ def timed(step: Callable[[], Tensor], device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1000.0
 
 
-def check_same_values(inputs, tau: float) -> float:
-    """Max relative difference of the four terms, old vs new (float32): a sanity check only;
-    the tests compare both against a float64 loop reference."""
-    old_t = old_mcl_loss_terms(old_cohort_logits(*inputs, tau), 3.0)
-    new_t = L.mcl_loss_terms(L.cohort_logits(*inputs, tau), 3.0)
-    return max(float(((old_t[k] - new_t[k]).abs() / old_t[k].abs()).detach()) for k in L.TERMS)
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--cohort", type=int, default=2)
@@ -300,14 +205,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--rounds", type=int, default=5, help="alternating timed rounds (after warm-up)")
     p.add_argument("--loss-reps", type=int, default=5, help="loss steps per round (it is short)")
-    p.add_argument("--no-r18", action="store_true", help="skip the R18 steps (old vs new only)")
-    p.add_argument("--separate-queues", action="store_true", help="queues as separate tensors")
+    p.add_argument("--no-r18", action="store_true", help="skip the R18 steps (the loss only)")
     p.add_argument(
         "--threads",
         type=int,
         default=0,
-        help="torch CPU threads (0: torch's default); 1 is "
-        "steadier on a CPU shared with other jobs",
+        help="torch CPU threads (0: default); 1 is steadier on a CPU shared with other jobs",
     )
     p.add_argument(
         "--no-keep-freed-memory",
@@ -323,20 +226,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     kept = device.type == "cpu" and args.keep_freed_memory and keep_freed_memory()
 
-    separate = args.separate_queues
-    inputs = make_inputs(args.cohort, args.batch, args.dim, args.queue, device, separate)
-    steps = {
-        "new": make_loss_step("new", inputs, 0.2, ALL),
-        "old": make_loss_step("old", inputs, 0.2, ALL),
-        "new_vcl_only": make_loss_step("new", inputs, 0.2, VCL_ONLY),
-        "old_vcl_only": make_loss_step("old", inputs, 0.2, VCL_ONLY),
-    }
-    small = make_inputs(args.cohort, args.batch, args.dim, 512, torch.device("cpu"), separate)
-    weights_of = {"new": ALL, "old": ALL, "new_vcl_only": VCL_ONLY, "old_vcl_only": VCL_ONLY}
+    inputs = make_inputs(args.cohort, args.batch, args.dim, args.queue, device)
+    weights_of = {"all": ALL, "vcl_only": VCL_ONLY}
+    steps = {name: make_loss_step(inputs, 0.2, w) for name, w in weights_of.items()}
+    small = make_inputs(args.cohort, args.batch, args.dim, 512, torch.device("cpu"))
     ops = {
         name: {
-            "aten_ops": count_ops(make_loss_step(name[:3], small, 0.2, w)),
-            "autograd_nodes": count_autograd_nodes(name[:3], small, 0.2, w),
+            "aten_ops": count_ops(make_loss_step(small, 0.2, w)),
+            "autograd_nodes": count_autograd_nodes(small, 0.2, w),
         }
         for name, w in weights_of.items()
     }
@@ -356,36 +253,29 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     ms: dict[str, list[float]] = {name: [] for name in steps}
     net_ms: dict[str, list[float]] = {name: [] for name in nets}
-    paired: list[float] = []  # per round: new / old, both timed back to back
     for _ in range(args.rounds):  # alternate so every variant sees the same machine load
         for name, step in nets.items():
             net_ms[name].append(timed(step, device))
-        round_ms = {name: [] for name in steps}
         for _ in range(args.loss_reps):
             for name, step in steps.items():
-                round_ms[name].append(timed(step, device))
-        for name in steps:
-            ms[name].extend(round_ms[name])
-        paired.append(statistics.median(round_ms["new"]) / statistics.median(round_ms["old"]))
+                ms[name].append(timed(step, device))
 
     med = {name: statistics.median(v) for name, v in ms.items()}
     result: dict = {
         "loss_ms": {name: round(v, 3) for name, v in med.items()},
-        "new_over_old": round(med["new"] / med["old"], 4),
-        "new_over_old_paired": round(statistics.median(paired), 4),
+        "loss_ms_min": {name: round(min(v), 3) for name, v in ms.items()},
         "ops": ops,
-        "max_rel_diff_old_new": check_same_values(inputs, 0.2),
     }
     if nets:
         moco, plain = (statistics.median(net_ms[name]) for name in ("moco", "plain"))
         result.update(
             moco_r18_step_ms=round(moco, 3),
+            moco_r18_step_ms_min=round(min(net_ms["moco"]), 3),
             r18_step_ms=round(plain, 3),
-            ratio=round(med["new"] / moco, 5),  # the issue-3 target: < 0.05
-            ratio_min=round(min(ms["new"]) / min(net_ms["moco"]), 5),
-            ratio_old=round(med["old"] / moco, 5),
-            vcl_only_ratio=round(med["new_vcl_only"] / moco, 5),
-            ratio_vs_plain_r18=round(med["new"] / plain, 5),
+            ratio=round(med["all"] / moco, 5),  # the target: < 0.05
+            ratio_min=round(min(ms["all"]) / min(net_ms["moco"]), 5),
+            vcl_only_ratio=round(med["vcl_only"] / moco, 5),
+            ratio_vs_plain_r18=round(med["all"] / plain, 5),
             target_ratio=0.05,
         )
     result.update(
@@ -394,7 +284,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
         dim=args.dim,
         queue=args.queue,
         image_size=None if args.no_r18 else args.image_size,
-        queues="separate" if args.separate_queues else "one buffer",
         rounds=args.rounds,
         device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         torch_threads=torch.get_num_threads(),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 3 in one short run (lent H100/H200): loss-term cost old vs new, cohort vs
-# one network (step time, memory, MCL-term share), and R50x2 bf16 + channels_last throughput.
-# Usage: OUT=/some/dir bash benchmarks/gpu_check.sh   (JSON files land in $OUT)
+# The GPU checks in one short run (a lent H100/H200): the MCL terms' cost against one R18 MoCo step,
+# cohort vs one network (step time, memory, MCL-term share), and R50x2 bf16 + channels_last
+# throughput. Usage: OUT=/some/dir bash benchmarks/gpu_check.sh   (JSON files land in $OUT)
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"

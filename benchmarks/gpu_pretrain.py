@@ -20,7 +20,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mcl_det.pretrain.engine import selfsup_loss  # noqa: E402
 from mcl_det.pretrain.models import SelfSupCohort  # noqa: E402
 
 WEIGHTS = {"vcl": 1.0, "icl": 1.0, "soft_vcl": 1.0, "soft_icl": 1.0}
@@ -58,7 +57,8 @@ def main() -> None:
     if cuda:
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
-    cohort = SelfSupCohort([args.arch] * args.cohort, queue_size=args.queue, bn_splits=args.splits)
+    archs = [args.arch] * args.cohort
+    cohort = SelfSupCohort(archs, queue_size=args.queue, bn_splits=args.splits, weights=WEIGHTS)
     cohort = cohort.to(device)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     cohort = cohort.to(memory_format=fmt)
@@ -75,6 +75,11 @@ def main() -> None:
     xq = x[0].contiguous(memory_format=fmt)
     xk = x[1].contiguous(memory_format=fmt)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def forward(*images):  # as the Trainer's: the (compiled) cohort under autocast
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return model(*images)
+
     if cuda:
         torch.cuda.reset_peak_memory_stats()
 
@@ -82,13 +87,13 @@ def main() -> None:
     t_all = time.perf_counter()
     for i in range(args.warmup + args.iters):
         t = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss, _, ks = selfsup_loss(model, xq, xk, 0.2, 3.0, WEIGHTS)
+        step = cohort.training_step(forward, ((xq, xk), None, None))
+        loss = step.loss
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-        cohort.enqueue(ks)
+        cohort.after_step(step.state)
         sync()
         if i >= args.warmup:
             times.append(time.perf_counter() - t)

@@ -1,4 +1,4 @@
-"""MCL cohort pretraining: ``python pretrain/main.py [--config-file F] [--cohort N] [KEY VALUE ...]``.
+"""MCL cohort pretraining: ``python pretrain/main.py [--config-file F] [--cohort N] [KEY VALUE]``.
 
 Without --config-file the toy config (pretrain/configs/toy.yaml) is used: it generates a toy
 ImageFolder under datasets/toy/imagenet and trains 2 x ResNet-18 for a few iterations on CPU.

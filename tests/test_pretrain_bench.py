@@ -13,10 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _run(script, out, *args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), "--device", "cpu", "--out", str(out), *args],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
+    cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--device", "cpu", "--out", str(out)]
+    r = subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads(out.read_text())
     assert json.loads(r.stdout[r.stdout.index("{") :]) == data  # printed == written
@@ -24,20 +22,16 @@ def _run(script, out, *args):
 
 
 def test_gpu_pretrain_runs_tiny_on_cpu(tmp_path):
-    d = _run(
-        "gpu_pretrain.py", tmp_path / "g.json", "--arch", "resnet18", "--batch", "4",
-        "--size", "32", "--queue", "16", "--iters", "2", "--warmup", "1",
-    )  # fmt: skip
+    args = "--arch resnet18 --batch 4 --size 32 --queue 16 --iters 2 --warmup 1".split()
+    d = _run("gpu_pretrain.py", tmp_path / "g.json", *args)
     assert d["cohort"] == 2 and d["amp"] == "bf16" and d["channels_last"] is True
     assert d["images_per_s"] > 0 and d["peak_rss_gib"] > 0 and d["final_loss"] == d["final_loss"]
 
 
 @pytest.mark.slow
 def test_bench_cohort_step_runs_tiny_on_cpu(tmp_path):
-    d = _run(
-        "bench_cohort_step.py", tmp_path / "b.json", "--size", "32", "--batch", "8",
-        "--queue", "64", "--iters", "1", "--warmup", "1", "--threads", "1",
-    )  # fmt: skip
+    args = "--size 32 --batch 8 --queue 64 --iters 1 --warmup 1 --threads 1".split()
+    d = _run("bench_cohort_step.py", tmp_path / "b.json", *args)
     for k in ("step_time_ratio", "peak_mem_ratio", "mcl_terms_share_of_cohort_step"):
         assert d[k] > 0
     assert d["peak_mem_mib_cohort"] > d["peak_mem_mib_single"] > 0

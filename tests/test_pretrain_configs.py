@@ -45,7 +45,7 @@ def test_config_builds(path):
     elif not path.stem.startswith("toy"):
         assert (cfg.LOSS.TAU, cfg.SOLVER.BASE_LR, cfg.SOLVER.EPOCHS) == (0.2, 0.03, 200)
     with torch.device("meta"):  # structure only: no memory, no init cost
-        model = build_cohort(cfg, archs, num_classes=1000, bank_size=64)
+        model = build_cohort(cfg, num_classes=1000, targets=[0] * 32 + [1] * 32)
     assert len(model.members) == len(archs)
     keys = model.state_dict()
     assert all(f"members.{k}.encoder.conv1.weight" in keys for k in range(len(archs)))
@@ -63,3 +63,37 @@ def test_archs_on_the_command_line():
         setup_pretrain_cfg(None, ["MODEL.ARCHS", "resnet18,resnet34"], cohort=3)
     with pytest.raises(MCLDetError, match="W_NOPE"):
         setup_pretrain_cfg(None, ["LOSS.W_NOPE", "1"])
+    with pytest.raises(MCLDetError, match="vgg16"):
+        setup_pretrain_cfg(None, ["MODEL.ARCHS", "resnet18,vgg16"])
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("MODE", "moco"),
+        ("SOLVER.SCHEDULE", "linear"),
+        ("SOLVER.AMP", "fp8"),
+        ("SUP.NEGATIVES", "queue"),
+        ("LOSS.SUP_VARIANT", "multi"),
+    ],
+)
+def test_every_enum_key_is_checked_at_setup(key, value):
+    with pytest.raises(MCLDetError, match=f"unknown {key} '{value}'"):
+        setup_pretrain_cfg(None, [key, value])
+
+
+def test_resolved_member_list_and_method_class():
+    from mcl_det.pretrain.models import (
+        BankSupervisedCohort,
+        InBatchSupervisedCohort,
+        SelfSupCohort,
+        cohort_class,
+    )
+
+    cfg = setup_pretrain_cfg(None, ["MODEL.ARCH", "resnet34"], cohort=3)
+    assert cfg.MODEL.ARCHS == ["resnet34"] * 3 and cfg.MODEL.COHORT == 3 and cfg.is_frozen()
+    assert setup_pretrain_cfg(None, ["MODEL.ARCHS", "['resnet18']"]).MODEL.COHORT == 1
+    assert cohort_class(cfg) is SelfSupCohort
+    sup = ["MODE", "supervised", "SUP.NEGATIVES"]
+    assert cohort_class(setup_pretrain_cfg(None, [*sup, "bank"])) is BankSupervisedCohort
+    assert cohort_class(setup_pretrain_cfg(None, [*sup, "batch"])) is InBatchSupervisedCohort

@@ -6,15 +6,15 @@ import pytest
 import torch
 from PIL import Image
 
+from mcl_det.data.toy import make_toy_imagenet
 from mcl_det.pretrain.config import get_pretrain_cfg
 from mcl_det.pretrain.data import (
     EpochBatchSampler,
     SafeImageFolder,
     TwoCrops,
-    _tiny_imagefolder,
     moco_v2_transform,
 )
-from mcl_det.pretrain.engine import lr_at
+from mcl_det.pretrain.engine import epoch_steps, lr_schedule
 from mcl_det.pretrain.monitor import knn_predict
 
 
@@ -44,7 +44,7 @@ def test_class_balanced_batches():
 
 
 def test_augmentation_is_a_function_of_seed_epoch_index(tmp_path):
-    _tiny_imagefolder(tmp_path, num_classes=1, train_per_class=2, val_per_class=0, size=32)
+    make_toy_imagenet(tmp_path, num_classes=1, train_per_class=2, val_per_class=1, size=32)
     ds = SafeImageFolder(tmp_path / "train", TwoCrops(moco_v2_transform(24)), seed=0)
     state = torch.get_rng_state()
     (a1, a2), label, idx = ds[(1, 0)]
@@ -59,14 +59,17 @@ def test_augmentation_is_a_function_of_seed_epoch_index(tmp_path):
 def test_lr_schedules_match_formulas():
     cfg = get_pretrain_cfg()
     cfg.SOLVER.IMS_PER_BATCH = 512  # linear scaling: 0.03 * 2
+    cfg.SOLVER.EPOCHS = 10  # 10 iterations per epoch: 100 in all
+    lr_at = lr_schedule(cfg, 10)
     for it in (0, 25, 50, 99):
-        assert math.isclose(
-            lr_at(cfg, it, 10, 100), 0.06 * 0.5 * (1 + math.cos(math.pi * it / 100))
-        )
+        assert math.isclose(lr_at(it), 0.06 * 0.5 * (1 + math.cos(math.pi * it / 100)))
     cfg.SOLVER.SCHEDULE, cfg.SOLVER.STEPS = "step", (3, 6)
-    assert [round(lr_at(cfg, e * 10, 10, 100), 6) for e in (0, 2, 3, 5, 6, 9)] == [
-        0.06, 0.06, 0.006, 0.006, 0.0006, 0.0006,
-    ]  # fmt: skip
+    lr_at = lr_schedule(cfg, 10)
+    got = [round(lr_at(e * 10), 6) for e in (0, 2, 3, 5, 6, 9)]
+    assert got == [0.06, 0.06, 0.006, 0.006, 0.0006, 0.0006]
+    # the last iteration of an epoch is still that epoch; steps past the end never come
+    assert round(lr_at(29), 6) == 0.06 and round(lr_at(30), 6) == 0.006
+    assert [epoch_steps(1.0, 0.1, (60, 80), 2)(e) for e in (0, 1)] == [1.0, 1.0]
 
 
 def test_knn_predict_matches_loop():

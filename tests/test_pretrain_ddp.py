@@ -4,10 +4,10 @@ import pytest
 import torch
 from yacs.config import CfgNode
 
+from mcl_det.data.toy import make_toy_imagenet
 from mcl_det.pretrain import distributed as du
 from mcl_det.pretrain.checkpoint import unwrap
 from mcl_det.pretrain.config import setup_pretrain_cfg
-from mcl_det.pretrain.data import _tiny_imagefolder
 
 
 def _ddp_worker(cfg_yaml: str, out: str) -> None:
@@ -44,14 +44,24 @@ def _ddp_worker(cfg_yaml: str, out: str) -> None:
 @pytest.mark.slow
 def test_two_process_gloo_queues_identical_and_aligned(tmp_path):
     root = tmp_path / "data"
-    _tiny_imagefolder(root, num_classes=2, train_per_class=8, val_per_class=1, size=32)
-    opts = [
-        "DATA.ROOT", str(root), "DATA.IMAGE_SIZE", "32", "OUTPUT_DIR", str(tmp_path / "run"),
-        "MODEL.QUEUE_SIZE", "32", "MODEL.DIM", "16", "SOLVER.IMS_PER_BATCH", "8",
-        "SOLVER.MAX_ITER", "2", "MONITOR.EVAL_PERIOD", "0", "MONITOR.TENSORBOARD", "False",
-        "MONITOR.PROGRESS", "False", "MODEL.SHUFFLE_BN_SPLITS", "1", "DATA.NUM_WORKERS", "0",
-        "MODEL.ARCH", "resnet18", "SOLVER.EPOCH_SNAPSHOT_PERIOD", "0",  # one 0.28 GB checkpoint
-    ]  # fmt: skip
+    make_toy_imagenet(root, num_classes=2, train_per_class=8, val_per_class=1, size=32)
+    opts = {
+        "DATA.ROOT": str(root),
+        "DATA.IMAGE_SIZE": "32",
+        "OUTPUT_DIR": str(tmp_path / "run"),
+        "MODEL.QUEUE_SIZE": "32",
+        "MODEL.DIM": "16",
+        "SOLVER.IMS_PER_BATCH": "8",
+        "SOLVER.MAX_ITER": "2",
+        "MONITOR.EVAL_PERIOD": "0",
+        "MONITOR.TENSORBOARD": "False",
+        "MONITOR.PROGRESS": "False",
+        "MODEL.SHUFFLE_BN_SPLITS": "1",
+        "DATA.NUM_WORKERS": "0",
+        "MODEL.ARCH": "resnet18",
+        "SOLVER.EPOCH_SNAPSHOT_PERIOD": "0",  # one 0.28 GB checkpoint
+    }
+    opts = [x for kv in opts.items() for x in kv]
     cfg = setup_pretrain_cfg(None, opts, cohort=2)
     du.launch(_ddp_worker, 2, (cfg.dump(), str(tmp_path)))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))

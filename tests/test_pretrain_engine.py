@@ -8,9 +8,9 @@ import pytest
 import torch
 from clitools import run_tool
 
+from mcl_det.data.toy import make_toy_imagenet
 from mcl_det.pretrain.checkpoint import FORMAT, load_checkpoint
 from mcl_det.pretrain.config import setup_pretrain_cfg
-from mcl_det.pretrain.data import _tiny_imagefolder
 from mcl_det.pretrain.engine import train
 from mcl_det.utils.io import sha256_file
 
@@ -21,7 +21,7 @@ TOY = str(ROOT / "pretrain" / "configs" / "toy.yaml")
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("imagefolder")
-    _tiny_imagefolder(root, num_classes=4, train_per_class=6, val_per_class=2, size=32)
+    make_toy_imagenet(root, num_classes=4, train_per_class=6, val_per_class=2, size=32)
     return root
 
 
@@ -111,7 +111,8 @@ def test_checkpoint_round_trip(data_root, tmp_path):
     cfg = setup_pretrain_cfg(TOY, _opts(data_root, out, **{"SOLVER.MAX_ITER": "1"}), cohort=2)
     train(cfg)
     ck = load_checkpoint(out / "checkpoint_last.pth")
-    model = build_cohort(cfg, ck["archs"])
+    assert ck["archs"] == cfg.MODEL.ARCHS
+    model = build_cohort(cfg)
     load_model_state(model, ck)
     assert all(torch.equal(v, ck["model"][k]) for k, v in model.state_dict().items())
     assert int(model.queue_ptr) == 8
@@ -149,7 +150,7 @@ def test_supervised_variants_run_and_report_top1(data_root, tmp_path, negatives)
 
 
 def test_bank_indices_positive_same_class_negatives_other_class():
-    from mcl_det.pretrain.engine import class_blocks, sample_bank_indices
+    from mcl_det.pretrain.models import class_blocks, sample_bank_indices
 
     targets = [0] * 3 + [1] * 5 + [2] * 4
     start, count = class_blocks(targets)
@@ -169,7 +170,7 @@ def test_unreadable_images_are_skipped_and_counted(data_root, tmp_path):
 
     root = tmp_path / "bad"
     shutil.copytree(data_root / "train", root)
-    (root / "class0" / "broken.JPEG").write_bytes(b"not an image")
+    (root / "n00000001" / "broken.JPEG").write_bytes(b"not an image")
     ds = SafeImageFolder(root)
     assert ds.num_skipped == 1 and len(ds) == 24
     assert ds.skipped[0].endswith("broken.JPEG")

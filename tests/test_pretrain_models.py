@@ -7,16 +7,24 @@ import pytest
 import torch
 
 from mcl_det.pretrain import distributed as du
-from mcl_det.pretrain import losses
 from mcl_det.pretrain.models import SelfSupCohort, SupervisedCohort, build_resnet
 
 TAU, T = 0.2, 3.0
+ALL = {"vcl": 1.0, "icl": 1.0, "soft_vcl": 1.0, "soft_icl": 1.0}
 
 
-def _cohort(archs=("resnet18", "resnet18"), k=32, momentum=0.999, splits=1, seed=0):
+def _cohort(archs=("resnet18", "resnet18"), k=32, momentum=0.999, splits=1, seed=0, weights=ALL):
     torch.manual_seed(seed)
     return SelfSupCohort(
-        archs, dim=16, hidden=32, queue_size=k, momentum=momentum, bn_splits=splits
+        archs,
+        dim=16,
+        hidden=32,
+        queue_size=k,
+        momentum=momentum,
+        bn_splits=splits,
+        tau=TAU,
+        T=T,
+        weights=weights,
     )
 
 
@@ -25,21 +33,15 @@ def _batch(n=8, size=32, seed=1):
     return torch.randn(n, 3, size, size, generator=g), torch.randn(n, 3, size, size, generator=g)
 
 
-def _loss(cohort, x_q, x_k, weights):
-    qs, ks = cohort(x_q, x_k)
-    needed = losses.needed_terms(weights)
-    logits = losses.cohort_logits(
-        qs, ks, cohort.queue_list(), TAU, cross=losses.needs_cross(needed)
-    )
-    return losses.combine(losses.mcl_loss_terms(logits, T, needed), weights), ks
-
-
-ALL = {"vcl": 1.0, "icl": 1.0, "soft_vcl": 1.0, "soft_icl": 1.0}
+def _loss(cohort, x_q, x_k):
+    """The cohort's own training step (the model itself as the forward); returns (loss, keys)."""
+    step = cohort.training_step(cohort, ((x_q, x_k), None, None))
+    return step.loss, step.state
 
 
 def test_gradients_reach_every_member_and_head_not_key_side():
     c = _cohort(("resnet18", "resnet34"))
-    loss, _ = _loss(c, *_batch(), ALL)
+    loss, _ = _loss(c, *_batch())
     loss.backward()
     for m in c.members:
         for part in (m.encoder, m.head):
@@ -88,7 +90,7 @@ def test_queues_enqueued_in_lockstep_and_wrap():
         for m, k in enumerate(ks):
             assert torch.equal(c.queues[m, ptr : ptr + 8], k)  # column j of every queue: image j
         assert int(c.queue_ptr) == (ptr + 8) % 24
-    assert c.queue_list()[1].shape == (24, 16)
+    assert c.queues[1].shape == (24, 16)
 
 
 def test_enqueue_rejects_queue_not_multiple_of_batch():
@@ -123,7 +125,7 @@ def test_zero_interaction_weights_equal_independent_training():
     """Cohort with W_ICL = W_SOFT_* = 0: each member's update == training it alone."""
     x_q, x_k = _batch()
     w0 = {"vcl": 1.0, "icl": 0.0, "soft_vcl": 0.0, "soft_icl": 0.0}
-    cohort = _cohort()
+    cohort = _cohort(weights=w0)
     alone = [copy.deepcopy(cohort) for _ in range(2)]
     for i, a in enumerate(alone):  # a one-member cohort holding member i and its queue
         a.members = torch.nn.ModuleList([a.members[i]])
@@ -139,11 +141,11 @@ def test_zero_interaction_weights_equal_independent_training():
         )
         torch.manual_seed(5)  # same shuffle permutations in every run
         for s in range(steps):
-            loss, ks = _loss(model, x_q + s, x_k - s, w0)
+            loss, ks = _loss(model, x_q + s, x_k - s)
             opt.zero_grad()
             loss.backward()
             opt.step()
-            model.enqueue(ks)
+            model.after_step(ks)
 
     run(cohort)
     for i, a in enumerate(alone):
@@ -161,7 +163,7 @@ def test_tiny_training_lowers_the_loss():
     opt = torch.optim.SGD([p for p in c.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
     first = None
     for _ in range(6):
-        loss, _ = _loss(c, x_q, x_q, ALL)
+        loss, _ = _loss(c, x_q, x_q)
         first = float(loss.detach()) if first is None else first
         opt.zero_grad()
         loss.backward()

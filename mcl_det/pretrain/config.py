@@ -9,6 +9,22 @@ from __future__ import annotations
 
 from yacs.config import CfgNode as CN
 
+from ..utils.errors import MCLDetError
+
+# the values each enum key accepts; checked once, in setup_pretrain_cfg
+MODES = ("selfsup", "supervised")
+SCHEDULES = ("cosine", "step")
+AMP_MODES = ("", "bf16", "fp16")
+SUP_NEGATIVES = ("bank", "batch")
+
+# config key of each MCL loss term's weight
+WEIGHT_KEYS = {
+    "vcl": "W_VCL",
+    "icl": "W_ICL",
+    "soft_vcl": "W_SOFT_VCL",
+    "soft_icl": "W_SOFT_ICL",
+}
+
 
 def get_pretrain_cfg() -> CN:
     """Return a fresh copy of the pretraining defaults (MoCo v2 + MCL, self-supervised)."""
@@ -18,13 +34,15 @@ def get_pretrain_cfg() -> CN:
     _C.SEED = 0
     _C.DEVICE = ""  # "" -> cuda when available, else cpu
     # CPU runs: glibc keeps freed buffers for reuse instead of page-faulting them in again every
-    # step (R18 x 2 step 16% faster here; the RSS stays near its peak). No effect on a GPU.
+    # step (the RSS stays near its peak). No effect on a GPU.
     _C.CPU_KEEP_FREED_MEMORY = True
 
     _C.MODEL = CN()
     _C.MODEL.ARCH = "resnet50"  # used for every member when ARCHS is empty
-    _C.MODEL.ARCHS = []  # one torchvision ResNet name per member (heterogeneous cohorts)
-    _C.MODEL.COHORT = 2  # M, number of members (ignored when ARCHS is given)
+    # one torchvision ResNet name per member (heterogeneous cohorts); setup fills it in from
+    # ARCH and COHORT when it is empty, so the resolved config names every member
+    _C.MODEL.ARCHS = []
+    _C.MODEL.COHORT = 2  # M, number of members (set to len(ARCHS) when ARCHS is given)
     _C.MODEL.DIM = 128  # embedding size of the projection head
     _C.MODEL.HEAD_HIDDEN = 0  # hidden width of the MLP head; 0 -> backbone feature width (MoCo v2)
     _C.MODEL.MOMENTUM = 0.999  # key encoder EMA (selfsup)
@@ -46,6 +64,7 @@ def get_pretrain_cfg() -> CN:
     _C.LOSS.W_ICL = 1.0  # beta
     _C.LOSS.W_SOFT_VCL = 1.0  # gamma
     _C.LOSS.W_SOFT_ICL = 1.0  # lambda
+    _C.LOSS.SUP_VARIANT = "authors"  # supervised terms: "authors" or "single_positive"
 
     _C.SUP = CN()
     _C.SUP.NEGATIVES = "bank"  # "bank" (memory bank, ImageNet size) or "batch" (SupCon style)
@@ -77,9 +96,7 @@ def get_pretrain_cfg() -> CN:
     _C.SOLVER.STEPS = (120, 160)  # epochs where the lr is multiplied by GAMMA ("step")
     _C.SOLVER.GAMMA = 0.1
     _C.SOLVER.EPOCHS = 200
-    _C.SOLVER.MAX_ITER = (
-        0  # > 0: stop after this many iterations (the lr schedule still spans EPOCHS)
-    )
+    _C.SOLVER.MAX_ITER = 0  # > 0: stop after this many iterations (the lr still spans EPOCHS)
     _C.SOLVER.AMP = ""  # "", "bf16" or "fp16"
     _C.SOLVER.CHECKPOINT_PERIOD = 1000  # iterations; checkpoint_last.pth also at epoch ends
     # epochs between kept snapshots checkpoint_epXXXX.pth (the last epoch is always kept);
@@ -107,18 +124,14 @@ def get_pretrain_cfg() -> CN:
     return _C
 
 
-def member_archs(cfg: CN) -> list[str]:
-    """Resolve MODEL.ARCHS / MODEL.COHORT / MODEL.ARCH into one arch name per member.
+def loss_weights(cfg: CN) -> dict[str, float]:
+    """The four interaction weights by loss-term name (0 = term skipped entirely)."""
+    return {name: float(cfg.LOSS[key]) for name, key in WEIGHT_KEYS.items()}
 
-    ARCHS may be a YAML list or one comma-separated string (``MODEL.ARCHS resnet18,resnet50``).
-    """
-    archs = cfg.MODEL.ARCHS
-    if isinstance(archs, str):
-        archs = [a for a in archs.split(",") if a.strip()]
-    flat: list[str] = []
-    for a in archs:
-        flat.extend(x.strip() for x in str(a).split(",") if x.strip())
-    return flat if flat else [cfg.MODEL.ARCH] * int(cfg.MODEL.COHORT)
+
+def member_archs(cfg: CN) -> list[str]:
+    """One arch name per member, from a config resolved by ``setup_pretrain_cfg``."""
+    return list(cfg.MODEL.ARCHS)
 
 
 def normalize_opts(opts: list[str]) -> list[str]:
@@ -131,28 +144,51 @@ def normalize_opts(opts: list[str]) -> list[str]:
     return out
 
 
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        shown = ", ".join(repr(c) for c in choices)
+        raise MCLDetError(f"unknown {key} {value!r}; use one of {shown}")
+
+
 def setup_pretrain_cfg(
     config_file: str | None,
     opts: list[str] | None = None,
     cohort: int | None = None,
     amp: str | None = None,
 ) -> CN:
-    """Defaults <- config file <- KEY VALUE opts <- --cohort/--amp; unknown keys are an error."""
+    """Defaults <- config file <- KEY VALUE opts <- --cohort/--amp, checked and resolved once.
+
+    Unknown keys and unknown values of enum keys are errors. MODEL.ARCHS / MODEL.COHORT /
+    MODEL.ARCH become one arch name per member in MODEL.ARCHS (and COHORT = its length) before
+    the config is frozen, so the saved config names every member.
+    """
     from ..config import merge_cfg
-    from ..utils.errors import MCLDetError
+    from .losses_sup import SUP_VARIANTS
+    from .models import RESNETS
 
     cfg = get_pretrain_cfg()
     merge_cfg(cfg, config_file, normalize_opts(list(opts or [])))
+    archs = [str(a).strip() for a in cfg.MODEL.ARCHS]
     if cohort is not None:
         if cohort < 1:
             raise MCLDetError(f"--cohort must be >= 1, got {cohort}")
-        given = member_archs(cfg) if cfg.MODEL.ARCHS else []
-        if given and len(given) != cohort:
+        if archs and len(archs) != cohort:
             raise MCLDetError(
-                f"--cohort {cohort} disagrees with MODEL.ARCHS {given}; drop one of the two"
+                f"--cohort {cohort} disagrees with MODEL.ARCHS {archs}; drop one of the two"
             )
         cfg.MODEL.COHORT = cohort
+    archs = archs or [cfg.MODEL.ARCH] * int(cfg.MODEL.COHORT)
+    if not archs:
+        raise MCLDetError("the cohort is empty; set --cohort N or MODEL.ARCHS")
+    for arch in archs:
+        _check_choice("architecture (MODEL.ARCH/ARCHS)", arch, RESNETS)
+    cfg.MODEL.ARCHS, cfg.MODEL.COHORT = archs, len(archs)
     if amp is not None:
         cfg.SOLVER.AMP = amp
+    _check_choice("MODE", cfg.MODE, MODES)
+    _check_choice("SOLVER.SCHEDULE", cfg.SOLVER.SCHEDULE, SCHEDULES)
+    _check_choice("SOLVER.AMP", cfg.SOLVER.AMP, AMP_MODES)
+    _check_choice("SUP.NEGATIVES", cfg.SUP.NEGATIVES, SUP_NEGATIVES)
+    _check_choice("LOSS.SUP_VARIANT", cfg.LOSS.SUP_VARIANT, SUP_VARIANTS)
     cfg.freeze()
     return cfg

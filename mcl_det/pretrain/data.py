@@ -21,6 +21,7 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import functional as TF
 from torchvision.transforms.v2 import functional as TF2
 
+from ..data.toy import make_toy_imagenet
 from ..utils.errors import MCLDetError
 from .augment import (
     MEAN,
@@ -210,6 +211,7 @@ class InputPipeline:
     def __init__(self, cfg, device: torch.device, mode: str | None = None) -> None:
         mode = mode or cfg.MODE  # linear evaluation uses the supervised input of any run
         self.kind = resolve_pipeline(cfg, device, mode)
+        self.mode = mode
         self.device, self.size = device, int(cfg.DATA.IMAGE_SIZE)
         self.collate_fn = None
         self.recipe = _recipe(cfg.DATA.AUG, self.size) if mode == "selfsup" else None
@@ -243,6 +245,13 @@ class InputPipeline:
         if self.kind == "pil":
             return x.to(self.device, non_blocking=True)
         return normalize_uint8(x, self.device)
+
+    def device_stage(self, batch: tuple) -> tuple:
+        """A loader batch ``(images, labels, indices)`` with its images through the device stage:
+        ``(x_q, x_k)`` for the self-supervised views, one float batch for supervised ones."""
+        x, y, idx = batch
+        x = tuple(self.views(x)) if self.mode == "selfsup" else self.images(x)
+        return x, y, idx
 
 
 # ---------------------------------------------------------------------------- dataset
@@ -346,32 +355,9 @@ def resolve_data_root(cfg) -> Path:
     if root in ("", "toy"):
         path = Path(TOY_ROOT)
         if not (path / cfg.DATA.TRAIN_DIR).is_dir():
-            make_toy(path)
+            make_toy_imagenet(path)
         return path
     return Path(root)
-
-
-def make_toy(root: Path) -> None:
-    """Generate the toy ImageNet folder (mcl_det.data.toy; a tiny fallback until it exists)."""
-    try:
-        from ..data.toy import make_toy_imagenet
-    except ImportError:  # pragma: no cover - only before mcl_det.data.toy is available
-        make_toy_imagenet = _tiny_imagefolder
-    make_toy_imagenet(root)
-
-
-def _tiny_imagefolder(root, num_classes=4, train_per_class=16, val_per_class=4, size=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for split, n in (("train", train_per_class), ("val", val_per_class)):
-        for c in range(num_classes):
-            d = Path(root) / split / f"class{c}"
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                base = torch.zeros(3, size, size)
-                base[c % 3] = 0.6
-                noise = torch.rand(3, size, size, generator=g) * 0.4
-                arr = ((base + noise).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
-                Image.fromarray(arr).save(d / f"{i:04d}.JPEG", quality=90)
 
 
 # ---------------------------------------------------------------------------- samplers

@@ -1,8 +1,11 @@
-"""Distributed helpers that work unchanged in one process.
+"""Device and distributed helpers that work unchanged in one process.
 
 With no process group every helper degrades to its single-process meaning: rank 0 of 1, a gather
 returns its input, the batch shuffle is a permutation of the local batch. Launch: ``torchrun``
 (env://) or ``launch(fn, n)`` which spawns n local processes (what ``--num-gpus`` does).
+Why not detectron2's ``comm`` / ``launch``: pretraining runs without detectron2 installed, the
+backend follows DEVICE (gloo for a CPU run on a GPU machine), and MoCo needs tensor gathers
+without gradient and the shuffle-BN permutation, which ``comm`` does not offer.
 """
 
 from __future__ import annotations
@@ -28,10 +31,6 @@ def get_rank() -> int:
 
 def get_world_size() -> int:
     return dist.get_world_size() if is_dist() else 1
-
-
-def is_main() -> bool:
-    return get_rank() == 0
 
 
 def barrier() -> None:
@@ -87,6 +86,15 @@ def batch_unshuffle(y: Tensor, restore: Tensor) -> Tensor:
     y_all = concat_all_gather(y)
     r = get_rank()
     return y_all[restore[r * b : (r + 1) * b]]
+
+
+def pick_device(name: str = "", local_rank: int = 0) -> torch.device:
+    """The device of a run: ``name`` ("" = cuda when available, else cpu); cuda -> this process's
+    GPU (``local_rank``)."""
+    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda":
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
 
 
 def init_distributed(device_type: str) -> tuple[int, int, int]:

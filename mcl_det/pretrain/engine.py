@@ -1,12 +1,9 @@
-"""MCL pretraining loop (self-supervised on MoCo v2, or supervised), one process or DDP.
+"""MCL pretraining loop, one process or DDP; the same loop for every training method.
 
-One iteration, self-supervised (every member sees the same two crops):
-    qs, ks = cohort(x_q, x_k)                  # momentum update, shuffle-BN keys
-    logits[a][b] = [q_a.k_b, q_a.Queue_b]/tau  # losses.cohort_logits, fp32
-    loss = combine(mcl_loss_terms(logits))     # VCL + ICL + SoftVCL + SoftICL
-    backward, SGD step, enqueue(ks)            # all queues at the same pointer: lockstep
-Supervised: loss = sum_m CE_m + alpha VCL + beta ICL + gamma SoftVCL + lambda SoftICL, with a
-memory bank per member (shared sampled indices) or in-batch SupCon contrast.
+One iteration: the cohort's ``training_step`` (its forward through the DDP / compile wrapper, the
+logits, the loss terms, the values to log), backward and SGD step, then the cohort's
+``after_step`` (queue enqueue, bank update). What a method is lives in models.py; the Trainer owns
+what every method shares: data, optimizer, AMP, lr schedule, checkpoints, monitor and logging.
 """
 
 from __future__ import annotations
@@ -14,23 +11,30 @@ from __future__ import annotations
 import inspect
 import math
 import time
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from fvcore.common.param_scheduler import CosineParamScheduler, MultiStepParamScheduler
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from ..config import save_cfg
 from ..utils.errors import MCLDetError
 from ..utils.malloc import keep_freed_memory
 from . import distributed as du
 from . import losses
-from .checkpoint import LAST, load_checkpoint, load_model_state, save_checkpoint, set_rng_state
-from .checkpoint import unwrap as unwrap_model
-from .config import member_archs
+from .checkpoint import (
+    LAST,
+    load_checkpoint,
+    load_model_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .config import member_archs, setup_pretrain_cfg
 from .data import (
     EpochBatchSampler,
     InputPipeline,
@@ -38,101 +42,46 @@ from .data import (
     eval_transform,
     resolve_data_root,
 )
-from .models import build_cohort
-from .monitor import Logger, Progress, knn_top1, member_metrics
+from .distributed import pick_device
+from .models import cohort_class
+from .monitor import Logger, Progress, member_metrics
 
-WEIGHT_KEYS = {
-    "vcl": "W_VCL",
-    "icl": "W_ICL",
-    "soft_vcl": "W_SOFT_VCL",
-    "soft_icl": "W_SOFT_ICL",
-}
-
-
-def loss_weights(cfg) -> dict[str, float]:
-    """The four interaction weights by loss-term name (0 = term skipped entirely)."""
-    return {name: float(cfg.LOSS[key]) for name, key in WEIGHT_KEYS.items()}
-
-
-def pick_device(cfg, local_rank: int = 0) -> torch.device:
-    name = cfg.DEVICE or ("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda":
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
+LOGGED_TERMS = ("ce", *losses.TERMS)  # loss_<name> in every train line (null when not computed)
 
 
 def autocast_ctx(cfg, device: torch.device):
-    """bf16 / fp16 autocast for the networks; losses are computed in fp32 outside of it."""
-    amp = cfg.SOLVER.AMP
-    if not amp:
+    """bf16 / fp16 autocast for the networks; the cohorts compute their losses in fp32."""
+    if not cfg.SOLVER.AMP:
         return nullcontext()
-    if amp not in ("bf16", "fp16"):
-        raise MCLDetError(f"unknown SOLVER.AMP {amp!r}; use bf16, fp16 or leave it empty")
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    dtype = torch.bfloat16 if cfg.SOLVER.AMP == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def lr_at(cfg, iteration: int, iters_per_epoch: int, total_iters: int) -> float:
-    """Learning rate at an iteration: linear scaling by batch, then cosine or step schedule."""
-    base = cfg.SOLVER.BASE_LR * cfg.SOLVER.IMS_PER_BATCH / cfg.SOLVER.REFERENCE_BATCH
-    if cfg.SOLVER.SCHEDULE == "cosine":
-        return base * 0.5 * (1.0 + math.cos(math.pi * iteration / max(total_iters, 1)))
-    if cfg.SOLVER.SCHEDULE == "step":
-        epoch = iteration // max(iters_per_epoch, 1)
-        return base * cfg.SOLVER.GAMMA ** sum(epoch >= s for s in cfg.SOLVER.STEPS)
-    raise MCLDetError(f"unknown SOLVER.SCHEDULE {cfg.SOLVER.SCHEDULE!r}; use cosine or step")
+def epoch_steps(
+    base: float, gamma: float, milestones: Sequence[int], epochs: int
+) -> Callable[[int], float]:
+    """lr of an epoch: ``base`` times ``gamma`` per milestone passed (fvcore's multi-step
+    schedule); milestones at or past the last epoch are never reached and are left out."""
+    steps = sorted({int(s) for s in milestones if s < epochs})
+    if steps and steps[0] < 1:
+        raise MCLDetError(f"lr milestones must be epochs >= 1, got {list(milestones)}")
+    epochs = max(int(epochs), 1)
+    values = [base * gamma**i for i in range(len(steps) + 1)]
+    schedule = MultiStepParamScheduler(values, num_updates=epochs, milestones=steps)
+    return lambda epoch: schedule(min(epoch, epochs - 1) / epochs)
 
 
-def class_blocks(targets: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(start, count) of each class in a class-sorted sample list (SafeImageFolder order)."""
-    t = torch.as_tensor(targets)
-    if bool((t[1:] < t[:-1]).any()):
-        raise RuntimeError("bank sampling needs samples sorted by class")
-    count = torch.bincount(t)
-    start = torch.cumsum(count, 0) - count
-    return start, count
-
-
-def sample_bank_indices(
-    labels: torch.Tensor, idx: torch.Tensor, start: torch.Tensor, count: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One same-class positive (not the anchor itself when its class has another image) and k
-    negatives from other classes per anchor; used for EVERY member (aligned distributions).
-
-    labels, idx: B (class, dataset index) -> pos: B, neg: Bxk. Uses the global torch RNG.
-    """
-    n_total = int(count.sum())
-    s, c = start[labels], count[labels]  # B
-    r = (torch.rand(labels.shape) * (c - 1).clamp(min=1)).long()  # B, in [0, c-2]
-    pos = s + r
-    pos = torch.where(pos >= idx, pos + 1, pos)  # skip the anchor itself
-    pos = torch.where(c > 1, pos, idx)  # a class with one image: the anchor is its own positive
-    r = (torch.rand(labels.shape[0], k) * (n_total - c).unsqueeze(1)).long()  # Bxk
-    neg = torch.where(r >= s.unsqueeze(1), r + c.unsqueeze(1), r)  # jump over the class block
-    return pos, neg
-
-
-def selfsup_loss(
-    model: nn.Module,
-    x_q: torch.Tensor,
-    x_k: torch.Tensor,
-    tau: float,
-    T: float,
-    weights: dict[str, float],
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
-    """One self-supervised MCL loss: networks under the caller's autocast, the M x M logits and
-    the four terms in fp32 (a softmax over 65k bf16 logits would lose the small probabilities).
-
-    Returns (loss, terms, keys); call ``enqueue(keys)`` after the optimizer step.
-    """
-    qs, ks = model(x_q, x_k)
-    with torch.autocast(device_type=x_q.device.type, enabled=False):
-        qs, ks = [q.float() for q in qs], [k.float() for k in ks]
-        needed = losses.needed_terms(weights)
-        queues = unwrap_model(model).queue_list()
-        logits = losses.cohort_logits(qs, ks, queues, tau, cross=losses.needs_cross(needed))
-        terms = losses.mcl_loss_terms(logits, T=T, needed=needed)
-        return losses.combine(terms, weights), terms, ks
+def lr_schedule(cfg, iters_per_epoch: int) -> Callable[[int], float]:
+    """Learning rate by iteration: linear scaling by batch, then cosine (per iteration, over
+    SOLVER.EPOCHS) or step (per epoch). A pure function of the iteration: resume is exact."""
+    s = cfg.SOLVER
+    base = s.BASE_LR * s.IMS_PER_BATCH / s.REFERENCE_BATCH
+    ipe = max(iters_per_epoch, 1)
+    if s.SCHEDULE == "cosine":
+        cosine, total = CosineParamScheduler(base, 0.0), max(s.EPOCHS * ipe, 1)
+        return lambda it: cosine(it / total)
+    by_epoch = epoch_steps(base, s.GAMMA, s.STEPS, s.EPOCHS)
+    return lambda it: by_epoch(it // ipe)
 
 
 class Trainer:
@@ -141,37 +90,24 @@ class Trainer:
     def __init__(self, cfg, resume: bool = False) -> None:
         self.cfg = cfg
         self.archs = member_archs(cfg)
-        cfg.defrost()
-        cfg.MODEL.ARCHS = list(self.archs)  # the resolved config names every member
-        cfg.MODEL.COHORT = len(self.archs)
-        cfg.freeze()
-        dev_type = pick_device(cfg).type  # nccl for cuda, gloo for cpu
+        dev_type = pick_device(cfg.DEVICE).type  # nccl for cuda, gloo for cpu
         self.rank, self.world, local = du.init_distributed(dev_type)
-        self.device = pick_device(cfg, local)
+        self.device = pick_device(cfg.DEVICE, local)
         self.main = self.rank == 0
         if self.device.type == "cpu" and cfg.CPU_KEEP_FREED_MEMORY:
             keep_freed_memory()  # see mcl_det/utils/malloc.py; a no-op off glibc
         self.out = Path(cfg.OUTPUT_DIR)
-        if cfg.MODE not in ("selfsup", "supervised"):
-            raise MCLDetError(f"unknown MODE {cfg.MODE!r}; use selfsup or supervised")
         if len(self.archs) < 2 and self.main:
             print("warning: a cohort of 1 is plain MoCo / CE training (no MCL interaction)")
 
         torch.manual_seed(cfg.SEED)
-        self._build_data()
-        self.weights = loss_weights(cfg)
-        self.needed = losses.needed_terms(self.weights)
-        # no bank at all for the independent baseline (ImageNet: 655 MB per member saved)
-        if not self.needed:
-            self.use_bank = False
-        bank = len(self.train_set) if (cfg.MODE == "supervised" and self.use_bank) else 0
-        cohort = build_cohort(cfg, self.archs, self.num_classes, bank_size=bank).to(self.device)
-        if cfg.MODE == "supervised" and cfg.MODEL.SYNC_BN and self.world > 1:
-            cohort = nn.SyncBatchNorm.convert_sync_batchnorm(cohort)
+        method = cohort_class(cfg)
+        self._build_data(method.balanced_batches)
+        targets = self.train_set.targets
+        self.cohort = method.from_config(cfg, self.num_classes, targets).to(self.device)
         if cfg.MODEL.CHANNELS_LAST:
-            cohort = cohort.to(memory_format=torch.channels_last)
-        self.cohort = cohort
-        params = [p for p in cohort.parameters() if p.requires_grad]
+            self.cohort = self.cohort.to(memory_format=torch.channels_last)
+        params = [p for p in self.cohort.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(
             params,
             lr=cfg.SOLVER.BASE_LR,
@@ -179,7 +115,7 @@ class Trainer:
             nesterov=cfg.SOLVER.NESTEROV,
             weight_decay=cfg.SOLVER.WEIGHT_DECAY,
         )
-        self.model: nn.Module = cohort
+        self.model: nn.Module = self.cohort
         if self.world > 1:
             ddp = nn.parallel.DistributedDataParallel
             # no per-step buffer sync: BN stats stay per rank (as in MoCo), queues/banks are kept
@@ -190,7 +126,7 @@ class Trainer:
                 else {"broadcast_buffers": False}
             )
             self.model = ddp(
-                cohort,
+                self.cohort,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 **no_sync,
             )
@@ -198,6 +134,7 @@ class Trainer:
             self.model = torch.compile(self.model)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.SOLVER.AMP == "fp16")
         self.iters_per_epoch = self.sampler.batches_per_epoch()
+        self.lr_at = lr_schedule(cfg, self.iters_per_epoch)
         # the lr schedule always spans SOLVER.EPOCHS; MAX_ITER only stops early (smoke runs,
         # interrupted-and-resumed runs give the same lr at every iteration)
         self.total_iters = cfg.SOLVER.EPOCHS * self.iters_per_epoch
@@ -207,43 +144,35 @@ class Trainer:
             else self.total_iters
         )
         self.iteration = 0
-        self.metrics: list[dict[str, Any]] = member_metrics(
-            [None] * len(self.archs), self.metric_name, 0
-        )
+        self.metrics = member_metrics([None] * len(self.archs), self.cohort.metric, 0)
         self.logger = Logger(self.out, enabled=self.main, tensorboard=cfg.MONITOR.TENSORBOARD)
         torch.manual_seed(cfg.SEED + 1000 * self.rank)  # per-rank stream from here on
         if resume:
             self._resume()
         elif self.main and self.logger.path.is_file():
-            self.logger.path.unlink()  # a fresh run starts a fresh log (checkpoints are replaced too)
+            self.logger.path.unlink()  # a fresh run, a fresh log (checkpoints are replaced too)
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_cfg(cfg, self.out / "config.yaml")
 
     # ------------------------------------------------------------------ setup
 
-    @property
-    def metric_name(self) -> str:
-        return "knn_top1" if self.cfg.MODE == "selfsup" else "top1"
-
-    def _build_data(self) -> None:
+    def _build_data(self, balanced: bool) -> None:
         cfg = self.cfg
         if self.main:
             root = resolve_data_root(cfg)
         du.barrier()
         root = resolve_data_root(cfg)
-        size = cfg.DATA.IMAGE_SIZE
-        self.pipeline = InputPipeline(cfg, self.device)  # DATA.PIPELINE: CPU and device stages
-        tf = self.pipeline.train_transform
+        # DATA.PIPELINE: the workers' stage is the dataset transform, the device stage runs in
+        # ``train`` on each batch before the cohort's training step
+        self.pipeline = InputPipeline(cfg, self.device)
         scan = cfg.DATA.SCAN_IMAGES
-        self.train_set = SafeImageFolder(root / cfg.DATA.TRAIN_DIR, tf, cfg.SEED, scan)
+        self.train_set = SafeImageFolder(
+            root / cfg.DATA.TRAIN_DIR, self.pipeline.train_transform, cfg.SEED, scan
+        )
         if self.main and self.train_set.skipped:
             print(f"warning: skipped {len(self.train_set.skipped)} unreadable training images")
         self.num_classes = cfg.MODEL.NUM_CLASSES or len(self.train_set.classes)
-        self.use_bank = cfg.SUP.NEGATIVES == "bank"
-        if cfg.SUP.NEGATIVES not in ("bank", "batch"):
-            raise MCLDetError(f"unknown SUP.NEGATIVES {cfg.SUP.NEGATIVES!r}; use bank or batch")
-        balanced = cfg.MODE == "supervised" and not self.use_bank
         self.sampler = EpochBatchSampler(
             self.train_set.targets,
             cfg.SOLVER.IMS_PER_BATCH,
@@ -261,12 +190,11 @@ class Trainer:
             generator=torch.Generator().manual_seed(cfg.SEED),  # keep the global RNG untouched
             collate_fn=self.pipeline.collate_fn,
         )
-        if cfg.MODE == "supervised" and self.use_bank:
-            self.blocks = class_blocks(self.train_set.targets)
         self.val_set = None
         val_dir = root / cfg.DATA.VAL_DIR
         if cfg.MONITOR.EVAL_PERIOD > 0 and val_dir.is_dir():
-            self.val_set = SafeImageFolder(val_dir, eval_transform(size), cfg.SEED, scan)
+            transform = eval_transform(cfg.DATA.IMAGE_SIZE)
+            self.val_set = SafeImageFolder(val_dir, transform, cfg.SEED, scan)
         elif cfg.MONITOR.EVAL_PERIOD > 0 and self.main:
             print(f"warning: no validation folder {val_dir}: monitoring disabled")
 
@@ -296,7 +224,7 @@ class Trainer:
     # ------------------------------------------------------------------ steps
 
     def _set_lr(self) -> float:
-        lr = lr_at(self.cfg, self.iteration, self.iters_per_epoch, self.total_iters)
+        lr = self.lr_at(self.iteration)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         return lr
@@ -307,111 +235,31 @@ class Trainer:
             x.contiguous(memory_format=torch.channels_last) if self.cfg.MODEL.CHANNELS_LAST else x
         )
 
-    def step_selfsup(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], list]:
-        views, _, _ = batch
-        # ---- device stage of the input pipeline (DATA.PIPELINE): jitter, blur, ... normalise
-        x_q, x_k = self.pipeline.views(views)
+    def forward(self, *images: torch.Tensor) -> Any:
+        """The wrapped cohort (DDP / compile) on images moved to the device, under autocast: what
+        a cohort's ``training_step`` calls, so the gradients are synchronised across ranks."""
         with autocast_ctx(self.cfg, self.device):
-            return selfsup_loss(
-                self.model, self._to(x_q), self._to(x_k), self.cfg.LOSS.TAU, self.cfg.LOSS.T,
-                self.weights,
-            )  # fmt: skip
-
-    def step_supervised(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], list]:
-        x, y, idx = batch
-        x = self.pipeline.images(x)  # ---- device stage of the input pipeline (DATA.PIPELINE)
-        y = y.to(self.device)
-        with autocast_ctx(self.cfg, self.device):
-            cls_logits, zs = self.model(self._to(x))
-        zs = [z.float() for z in zs]
-        ce = sum(F.cross_entropy(lg.float(), y) for lg in cls_logits)
-        cfg, cross = self.cfg, losses.needs_cross(self.needed)
-        if not self.needed:  # independent CE baseline
-            terms = {}
-        elif self.use_bank:
-            start, count = self.blocks
-            k = min(cfg.SUP.BANK_NEGATIVES, int(count.sum() - count.max()))
-            pos, neg = sample_bank_indices(y.cpu(), idx, start, count, k)
-            cohort = unwrap_model(self.model)
-            logits = losses.bank_logits(
-                zs,
-                cohort.bank_list(),
-                pos.to(self.device),
-                neg.to(self.device),
-                cfg.LOSS.TAU,
-                cross,
-            )
-            terms = losses.mcl_loss_terms(logits, T=cfg.LOSS.T, needed=self.needed)
-        else:
-            terms = losses.supcon_terms(zs, y, cfg.LOSS.TAU, T=cfg.LOSS.T, needed=self.needed)
-        terms = {"ce": ce, **terms}
-        loss = cfg.LOSS.W_CE * ce + losses.combine(
-            {k: v for k, v in terms.items() if k != "ce"}, self.weights
-        )
-        return loss, terms, [zs, idx]
-
-    def after_step(self, extra) -> None:
-        """Lockstep memory updates with what every rank saw (gathered)."""
-        cohort = unwrap_model(self.model)
-        if self.cfg.MODE == "selfsup":
-            cohort.enqueue(extra)
-        elif self.use_bank:
-            zs, idx = extra
-            idx_all = du.concat_all_gather(idx.to(self.device))
-            for bank, z in zip(cohort.bank_list(), zs):
-                losses.bank_update(
-                    bank, idx_all, du.concat_all_gather(z.detach()), self.cfg.SUP.BANK_MOMENTUM
-                )
+            return self.model(*(self._to(x) for x in images))
 
     # ------------------------------------------------------------------ eval / save
 
     @torch.no_grad()
     def evaluate(self, epoch: int) -> None:
-        """kNN top-1 per member (selfsup) or top-1 per member + ensemble (supervised), rank 0."""
+        """The cohort's monitor (kNN top-1 or classifier top-1 per member), rank 0."""
         if self.val_set is None:
             return
-        cfg = self.cfg
-        record: dict[str, Any] = {"type": "eval", "epoch": epoch, "iteration": self.iteration}
         if self.main:
-            cohort = unwrap_model(self.model)
-            bs = max(1, cfg.SOLVER.IMS_PER_BATCH // self.world)
-            val = DataLoader(self.val_set, batch_size=bs, num_workers=cfg.DATA.NUM_WORKERS)
-            if cfg.MODE == "selfsup":
-                train_eval = SafeImageFolder(
-                    self.train_set.root, eval_transform(cfg.DATA.IMAGE_SIZE), scan=False
-                )
-                train_eval.samples, train_eval.targets = (
-                    self.train_set.samples,
-                    self.train_set.targets,
-                )
-                if cfg.MONITOR.KNN_MAX_TRAIN > 0 and len(train_eval) > cfg.MONITOR.KNN_MAX_TRAIN:
-                    g = torch.Generator().manual_seed(0)
-                    pick = torch.randperm(len(train_eval), generator=g)[: cfg.MONITOR.KNN_MAX_TRAIN]
-                    train_eval = Subset(train_eval, pick.tolist())
-                tl = DataLoader(train_eval, batch_size=bs, num_workers=cfg.DATA.NUM_WORKERS)
-                values = [
-                    knn_top1(
-                        m.encoder,
-                        tl,
-                        val,
-                        self.num_classes,
-                        self.device,
-                        cfg.MONITOR.KNN_K,
-                        cfg.MONITOR.KNN_T,
-                    )
-                    for m in cohort.members
-                ]
-            else:
-                values, record["ensemble_top1"] = supervised_top1(cohort, val, self.device)
-            self.metrics = member_metrics(values, self.metric_name, epoch)
+            values, extra = self.cohort.evaluate(
+                self.cfg, self.train_set, self.val_set, self.device, self.num_classes
+            )
+            self.metrics = member_metrics(values, self.cohort.metric, epoch)
+            record = {"type": "eval", "epoch": epoch, "iteration": self.iteration, **extra}
             record["member_metrics"] = self.metrics
             self.logger.write(record)
         du.barrier()
 
     def save(self, name: str = LAST) -> None:
         """Checkpoint (rank 0 writes; every rank's RNG state is gathered so DDP resumes exactly)."""
-        from .checkpoint import rng_state
-
         rngs = [rng_state()]
         if self.world > 1:
             rngs = [None] * self.world
@@ -448,12 +296,9 @@ class Trainer:
             self.sampler.set_epoch(epoch, self.iteration % self.iters_per_epoch)
             for batch in self.loader:
                 lr = self._set_lr()
-                loss, terms, extra = (
-                    self.step_selfsup(batch)
-                    if cfg.MODE == "selfsup"
-                    else self.step_supervised(batch)
-                )
-                loss_mean = float(du.all_reduce_mean(loss.detach()))
+                batch = self.pipeline.device_stage(batch)
+                step = self.cohort.training_step(self.forward, batch)
+                loss_mean = float(du.all_reduce_mean(step.loss.detach()))
                 if not math.isfinite(loss_mean):
                     raise MCLDetError(
                         f"loss is {loss_mean} at iteration {self.iteration + 1}; lower "
@@ -461,45 +306,17 @@ class Trainer:
                         f"kept in {self.out})"
                     )
                 self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
+                self.scaler.scale(step.loss).backward()
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
-                self.after_step(extra)
+                self.cohort.after_step(step.state)
                 self.iteration += 1
                 last_loss = loss_mean
                 if self.iteration % cfg.MONITOR.LOG_PERIOD == 0 or self.iteration == self.stop_iter:
-                    rec = {
-                        "type": "train",
-                        "epoch": epoch,
-                        "iteration": self.iteration,
-                        "loss": loss_mean,
-                        "lr": lr,
-                        "eta_s": round(progress.eta_s(self.iteration), 1),
-                    }
-                    for name in ("ce", *losses.TERMS):
-                        v = terms.get(name)
-                        rec[f"loss_{name}"] = (
-                            float(du.all_reduce_mean(v.detach())) if v is not None else None
-                        )
-                    self.logger.write(rec)
+                    self._log(epoch, loss_mean, lr, step.terms, progress)
                 progress.update(self.iteration, {"loss": loss_mean})
-                end_of_epoch = self.iteration % self.iters_per_epoch == 0
                 done = self.iteration >= self.stop_iter
-                if end_of_epoch:
-                    ep = self.iteration // self.iters_per_epoch
-                    if cfg.MONITOR.EVAL_PERIOD > 0 and (ep % cfg.MONITOR.EVAL_PERIOD == 0 or done):
-                        self.model.eval()
-                        self.evaluate(ep)
-                        self.model.train()
-                    snap = cfg.SOLVER.EPOCH_SNAPSHOT_PERIOD
-                    if snap > 0 and (ep % snap == 0 or done):
-                        self.save(f"checkpoint_ep{ep:04d}.pth")
-                    self.save(LAST)
-                elif done or (
-                    cfg.SOLVER.CHECKPOINT_PERIOD > 0
-                    and self.iteration % cfg.SOLVER.CHECKPOINT_PERIOD == 0
-                ):
-                    self.save(LAST)
+                self._epoch_end_or_checkpoint(done)
                 if done:
                     break
         progress.close()
@@ -513,24 +330,36 @@ class Trainer:
             "skipped_images": self.train_set.num_skipped,
         }
 
+    def _log(self, epoch: int, loss: float, lr: float, terms: dict, progress: Progress) -> None:
+        rec = {
+            "type": "train",
+            "epoch": epoch,
+            "iteration": self.iteration,
+            "loss": loss,
+            "lr": lr,
+            "eta_s": round(progress.eta_s(self.iteration), 1),
+        }
+        for name in LOGGED_TERMS:
+            v = terms.get(name)
+            rec[f"loss_{name}"] = float(du.all_reduce_mean(v.detach())) if v is not None else None
+        self.logger.write(rec)
 
-@torch.no_grad()
-def supervised_top1(cohort: nn.Module, loader, device: torch.device) -> tuple[list[float], float]:
-    """Top-1 (percent) of each member's classifier and of their ensemble (mean of softmaxes)."""
-    was = cohort.training
-    cohort.eval()
-    correct = torch.zeros(len(cohort.members) + 1)
-    n = 0
-    for x, y, _ in loader:
-        x, y = x.to(device), torch.as_tensor(y).to(device)
-        logits, _ = cohort(x)
-        probs = [F.softmax(lg.float(), dim=1) for lg in logits]
-        preds = [p.argmax(1) for p in probs] + [torch.stack(probs).mean(0).argmax(1)]
-        correct += torch.tensor([float((p == y).sum()) for p in preds])
-        n += y.numel()
-    cohort.train(was)
-    acc = (100.0 * correct / max(n, 1)).tolist()
-    return acc[:-1], acc[-1]
+    def _epoch_end_or_checkpoint(self, done: bool) -> None:
+        cfg = self.cfg
+        if self.iteration % self.iters_per_epoch == 0:  # end of an epoch
+            ep = self.iteration // self.iters_per_epoch
+            if cfg.MONITOR.EVAL_PERIOD > 0 and (ep % cfg.MONITOR.EVAL_PERIOD == 0 or done):
+                self.model.eval()
+                self.evaluate(ep)
+                self.model.train()
+            snap = cfg.SOLVER.EPOCH_SNAPSHOT_PERIOD
+            if snap > 0 and (ep % snap == 0 or done):
+                self.save(f"checkpoint_ep{ep:04d}.pth")
+            self.save(LAST)
+        elif done or (
+            cfg.SOLVER.CHECKPOINT_PERIOD > 0 and self.iteration % cfg.SOLVER.CHECKPOINT_PERIOD == 0
+        ):
+            self.save(LAST)
 
 
 def train(cfg, resume: bool = False) -> dict[str, Any]:
@@ -571,8 +400,6 @@ def launch_training(
 
     Returns the run summary in a single process (None when several processes were spawned).
     """
-    from .config import setup_pretrain_cfg
-
     cfg = setup_pretrain_cfg(config_file, opts, cohort, amp)
     if num_procs <= 1:
         try:

@@ -26,6 +26,8 @@ from ..utils.malloc import keep_freed_memory
 from .checkpoint import load_checkpoint, member_state
 from .config import get_pretrain_cfg
 from .data import InputPipeline, SafeImageFolder, eval_transform, resolve_data_root
+from .distributed import pick_device
+from .engine import epoch_steps
 from .models import build_resnet, resnet_features
 
 
@@ -66,7 +68,7 @@ def run_linear_eval(
     cfg = linear_eval_cfg(ckpt, config_file, list(opts or []))
     torch.manual_seed(cfg.SEED)
     backbone, arch = load_member_backbone(ckpt, member)
-    device = torch.device(cfg.DEVICE or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(cfg.DEVICE)
     if device.type == "cpu" and cfg.CPU_KEEP_FREED_MEMORY:
         keep_freed_memory()  # see mcl_det/utils/malloc.py
     backbone.to(device).eval()
@@ -95,9 +97,11 @@ def run_linear_eval(
     opt = torch.optim.SGD(
         head.parameters(), lr=lr, momentum=lc.MOMENTUM, weight_decay=lc.WEIGHT_DECAY
     )
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(lc.STEPS), gamma=0.1)
+    lr_of_epoch = epoch_steps(lr, 0.1, lc.STEPS, lc.EPOCHS)
     it, t0 = 0, time.time()
-    for _epoch in range(lc.EPOCHS):
+    for epoch in range(lc.EPOCHS):
+        for group in opt.param_groups:
+            group["lr"] = lr_of_epoch(epoch)
         for x, y, _ in train_loader:
             with torch.no_grad():
                 f = resnet_features(backbone, pipeline.images(x))  # NxD, frozen
@@ -108,7 +112,6 @@ def run_linear_eval(
             it += 1
             if lc.MAX_ITER and it >= lc.MAX_ITER:
                 break
-        sched.step()
         if lc.MAX_ITER and it >= lc.MAX_ITER:
             break
 

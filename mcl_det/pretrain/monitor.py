@@ -17,20 +17,22 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from .models import resnet_features
+from tqdm import tqdm
 
 
 @torch.no_grad()
 def extract_features(
     encoder: nn.Module, loader: Iterable, device: torch.device
 ) -> tuple[Tensor, Tensor]:
-    """L2-normalised pooled features (NxD) and labels (N) of every image in ``loader``."""
+    """L2-normalised features (NxD) and labels (N) of every image in ``loader``.
+
+    encoder: maps Nx3xHxW images to NxD features (a backbone whose ``fc`` is ``nn.Identity``).
+    """
     was_training = encoder.training
     encoder.eval()
     feats, labels = [], []
     for x, y, _ in loader:
-        feats.append(F.normalize(resnet_features(encoder, x.to(device)).float(), dim=1).cpu())
+        feats.append(F.normalize(encoder(x.to(device)).float(), dim=1).cpu())
         labels.append(torch.as_tensor(y))
     encoder.train(was_training)
     return torch.cat(feats), torch.cat(labels)
@@ -63,7 +65,8 @@ def knn_top1(
     k: int = 200,
     t: float = 0.07,
 ) -> float:
-    """kNN top-1 (percent) of one backbone: train features are the memory, val the queries."""
+    """kNN top-1 (percent) of one backbone (``fc`` = Identity): train features are the memory,
+    val the queries."""
     bank, bank_y = extract_features(encoder, train_loader, device)
     q, q_y = extract_features(encoder, val_loader, device)
     pred = knn_predict(q, bank, bank_y, num_classes, k, t)
@@ -123,18 +126,15 @@ class Logger:
 
 
 class Progress:
-    """tqdm bar over the whole run with ETA (falls back to a printed line every LOG_PERIOD)."""
+    """tqdm bar over the whole run (rank 0), and the ETA written into the log lines."""
 
     def __init__(self, total: int, start: int, enabled: bool = True) -> None:
-        self.bar = None
         self.start_time, self.start, self.total = time.time(), start, total
-        if enabled:
-            try:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=total, initial=start, desc="pretrain", dynamic_ncols=True)
-            except ImportError:
-                pass
+        self.bar = (
+            tqdm(total=total, initial=start, desc="pretrain", dynamic_ncols=True)
+            if enabled
+            else None
+        )
 
     def eta_s(self, it: int) -> float:
         done = it - self.start
