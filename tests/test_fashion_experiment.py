@@ -1,8 +1,10 @@
-"""The Fashion-MNIST experiment runner (issue 7): set-up errors, loss-term listing, and the whole
+"""The Fashion-MNIST experiment runner (benchmarks/fashion_mnist_experiment.py, on the stages of
+tools/stages.py): set-up errors, loss-term listing, the stage runner with fake stages, and the whole
 pipeline at tiny size through the real CLIs on a synthetic idx directory (no Debian package)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -14,11 +16,23 @@ import pytest
 from clitools import run_tool
 
 from mcl_det.data.fashion_mnist import write_idx
-from mcl_det.experiments import fashion
 from mcl_det.utils.errors import MCLDetError
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = ROOT / "benchmarks" / "fashion_mnist_experiment.py"
+
+
+def _load_runner():
+    """The runner script as a module (it puts tools/ on sys.path for its stages module)."""
+    spec = importlib.util.spec_from_file_location("fashion_mnist_experiment", RUNNER)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+fashion = _load_runner()
+import stages  # noqa: E402  (tools/stages.py, on sys.path through the runner)
 
 
 def _synthetic_fashion(d: Path, n_train: int = 40, n_test: int = 20) -> Path:
@@ -37,9 +51,10 @@ def _synthetic_fashion(d: Path, n_train: int = 40, n_test: int = 20) -> Path:
 
 
 def test_missing_data_names_path_and_command(tmp_path):
-    # an explicit path is never "installed": the error names it and the apt command
+    # the error names the path and the apt command
+    s = fashion.FashionSettings(out=tmp_path / "out", fashion_dir=tmp_path / "nowhere")
     with pytest.raises(MCLDetError) as e:
-        fashion.resolve_fashion_dir(tmp_path / "nowhere")
+        fashion.prepare_data(s)
     msg = str(e.value)
     assert str(tmp_path / "nowhere") in msg and "apt-get install -y dataset-fashion-mnist" in msg
 
@@ -81,43 +96,39 @@ def test_mcl_and_baseline_configs_differ_only_in_interaction_weights():
         assert mcl.LOSS.W_ICL > 0 and base.LOSS.W_ICL == 0
 
 
-def test_default_path_missing_installs_the_debian_package_when_root(monkeypatch, tmp_path):
-    # the set-up: with no --fashion-dir, root and apt-get -> apt-get install, then look again
-    calls, found = [], tmp_path / "fm"
+def test_missing_default_package_is_an_error_and_installs_nothing(monkeypatch, tmp_path):
+    # even as root with apt-get at hand, the runner installs nothing: it says what to run
+    import os
 
-    def ensure(path):
-        if not calls:
-            raise MCLDetError("Fashion-MNIST not found in /usr/share/datasets/fashion-mnist")
-        return found
+    import mcl_det.data.fashion_mnist as fm
 
-    monkeypatch.setattr(fashion, "ensure_fashion_mnist", ensure)
-    monkeypatch.setattr(fashion.shutil, "which", lambda name: "/usr/bin/" + name)
-    monkeypatch.setattr(fashion.os, "geteuid", lambda: 0)
-    monkeypatch.setattr(
-        fashion.subprocess,
-        "run",
-        lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0),
-    )
-    assert fashion.resolve_fashion_dir(None) == found
-    assert ["apt-get", "install", "-y", "dataset-fashion-mnist"] in calls
-    # not root (or no apt-get): the original error, nothing run
-    calls.clear()
-    monkeypatch.setattr(fashion.os, "geteuid", lambda: 1000)
-    with pytest.raises(MCLDetError, match="not found"):
-        fashion.resolve_fashion_dir(None)
+    calls = []
+    monkeypatch.setattr(fm, "DEFAULT_DIR", str(tmp_path / "none"))
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    monkeypatch.setattr(subprocess, "Popen", lambda cmd, **kw: calls.append(cmd))
+    with pytest.raises(MCLDetError, match="not found") as e:
+        fashion.prepare_data(fashion.FashionSettings(out=tmp_path / "out"))
+    msg = str(e.value)
+    assert "apt-get install -y dataset-fashion-mnist" in msg and "--fashion-dir" in msg
     assert calls == []
 
 
 def test_interrupted_pretraining_resumes_and_settings_reach_the_commands(tmp_path):
     s = fashion.FashionSettings(out=tmp_path, seeds=(3,), pretrain_epochs=5, det_iters=40)
-    pre = tmp_path / "pre"
-    cmd = fashion._pretrain_cmd(s, "selfsup_mcl", 3, pre, tmp_path / "data")
+    pre, cfg = tmp_path / "pre", fashion.RUNS["selfsup_mcl"][0]
+
+    def pretrain_cmd() -> list[str]:
+        return stages.pretrain_cmd(cfg, pre, tmp_path / "data", fashion.pretrain_opts(s, 3))
+
+    cmd = pretrain_cmd()
     assert "--resume" not in cmd
     assert cmd[cmd.index("SEED") + 1] == "3" and cmd[cmd.index("SOLVER.EPOCHS") + 1] == "5"
     pre.mkdir()
     (pre / "checkpoint_last.pth").write_bytes(b"")
-    assert "--resume" in fashion._pretrain_cmd(s, "selfsup_mcl", 3, pre, tmp_path / "data")
-    det = fashion._det_cmd(s, "sup_mcl", 3, tmp_path / "w.pkl", tmp_path / "det")
+    assert "--resume" in pretrain_cmd()
+    opts = fashion.detect_opts(s, "sup_mcl", 3)
+    det = stages.detect_cmd(fashion.DET_CONFIG, tmp_path / "w.pkl", "sup_mcl", 3, tmp_path, opts)
     assert det[det.index("MCL_DET.WEIGHTS_TAG") + 1] == "sup_mcl"
     assert det[det.index("SOLVER.MAX_ITER") + 1] == "40" and det[det.index("SEED") + 1] == "3"
     assert det[det.index("SOLVER.STEPS") + 1] == "(32,)"
@@ -141,23 +152,29 @@ def _fake_stages(monkeypatch, fail: str = "", slow: str = ""):
     def py(code: str) -> list[str]:
         return [sys.executable, "-c", code]
 
-    def pretrain(s, run, seed, out, data):
-        code = f"import pathlib; p=pathlib.Path({str(out)!r}); p.mkdir(parents=True, exist_ok=True); (p/'checkpoint_last.pth').write_text('ck')"  # fmt: skip
-        return py(code)
+    def write(folder: Path, name: str, text: str) -> str:
+        return (
+            f"import pathlib; p = pathlib.Path({str(folder)!r}); "
+            f"p.mkdir(parents=True, exist_ok=True); (p / {name!r}).write_text({text!r}); "
+        )
 
-    def convert(ckpt, w):
-        return py(f"import pathlib; w=pathlib.Path({str(w)!r}); w.parent.mkdir(parents=True, exist_ok=True); w.write_text(open({str(ckpt)!r}).read())")  # fmt: skip
+    def pretrain(config, out, data, opts=(), cohort=None):
+        return py(write(out, "checkpoint_last.pth", "ck"))
 
-    def det(s, run, seed, w, out):
+    def convert(ckpt, w, member=0):
+        return py(
+            write(w.parent, w.name, "") + f"(p / {w.name!r}).write_text(open({str(ckpt)!r}).read())"
+        )
+
+    def det(config, w, run, seed, out, opts=()):
         if fail and fail == f"{run} {seed}":
             return py("import sys; print('boom'); sys.exit(3)")
         code = "import time; time.sleep(30); " if slow == f"{run} {seed}" else ""
-        code += f"import pathlib; p=pathlib.Path({str(out)!r}); p.mkdir(parents=True, exist_ok=True); (p/'results.json').write_text('{{}}'); (p/'model_final.pth').write_text('m')"  # fmt: skip
-        return py(code)
+        return py(code + write(out, "results.json", "{}") + write(out, "model_final.pth", "m"))
 
-    monkeypatch.setattr(fashion, "_pretrain_cmd", pretrain)
-    monkeypatch.setattr(fashion, "_convert_cmd", convert)
-    monkeypatch.setattr(fashion, "_det_cmd", det)
+    monkeypatch.setattr(stages, "pretrain_cmd", pretrain)
+    monkeypatch.setattr(stages, "convert_cmd", convert)
+    monkeypatch.setattr(stages, "detect_cmd", det)
     monkeypatch.setattr(fashion, "prepare_data", lambda s: (s.out / "data", s.out / "scenes"))
 
     def report(s):
@@ -194,7 +211,8 @@ def test_a_failing_stage_stops_the_others_and_names_its_log(tmp_path, monkeypatc
     _fake_stages(monkeypatch, fail="selfsup_baseline 0", slow="selfsup_mcl 0")
     s = fashion.FashionSettings(out=tmp_path, seeds=(0,), jobs=2)
     t0 = time.time()
-    with pytest.raises(MCLDetError, match=r"'detection selfsup_baseline seed 0' failed \(exit 3\).*detection_selfsup_baseline_seed_0.log"):  # fmt: skip
+    failed = r"'detection selfsup_baseline seed 0' failed \(exit 3\)"
+    with pytest.raises(MCLDetError, match=failed + r".*detection_selfsup_baseline_seed_0.log"):
         fashion.run_fashion_experiment(s)
     assert time.time() - t0 < 25  # the 30 s detection running beside it was stopped
     assert "boom" in capsys.readouterr().out  # the end of the failing stage's log is shown

@@ -1,4 +1,4 @@
-"""Fashion-MNIST idx reader, ImageFolder export, in-memory Dataset and the detection scenes.
+"""Fashion-MNIST idx reader, ImageFolder export and the detection scenes.
 
 The tests write a tiny synthetic Fashion-MNIST in the real idx format, so they need neither the
 Debian package nor the network; one extra test reads the real package when it is installed.
@@ -20,20 +20,63 @@ import pytest
 from mcl_det.data.fashion_mnist import (
     DEFAULT_DIR,
     FASHION_MNIST_CLASSES,
-    FashionMNIST,
     ensure_fashion_mnist,
     export_imagefolder,
     load_fashion_mnist,
     read_idx,
+    select_per_class,
     write_idx,
 )
-from mcl_det.data.scenes import (
-    make_fashion_scenes,
-    mask_to_polygons,
-    register_fashion_scenes,
-    render_fashion_scene,
-)
+from mcl_det.data.scenes import make_fashion_scenes, mask_to_polygons, render_fashion_scene
 from mcl_det.utils.errors import MCLDetError
+
+
+class FashionMNIST:
+    """Fashion-MNIST straight from the idx arrays as PIL images (as torchvision datasets return),
+    with ImageFolder's ``targets`` and ``classes``: checks the reader and select_per_class the way
+    a training loop would use them."""
+
+    def __init__(self, root, split="train", transform=None, limit_per_class=None, rgb=True):
+        images, labels = load_fashion_mnist(root, split)
+        idx = select_per_class(labels, limit_per_class)
+        self.images, self.labels = images[idx], labels[idx]
+        self.targets = self.labels.tolist()
+        self.classes = list(FASHION_MNIST_CLASSES)
+        self.transform, self.rgb = transform, rgb
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        img = Image.fromarray(self.images[i])  # 2-D uint8 -> mode "L"
+        if self.rgb:
+            img = img.convert("RGB")
+        return (img if self.transform is None else self.transform(img)), int(self.labels[i])
+
+
+def register_fashion_scenes(out_root: Path, prefix: str) -> list[str]:
+    """Register ``<prefix>_voc_{train,val,trainval,test}`` and ``<prefix>_coco_{train,test}``
+    with detectron2 (the runs themselves pass the scenes through MCL_DET.DATASETS.VOC)."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.datasets import register_coco_instances
+    from detectron2.data.datasets.pascal_voc import register_pascal_voc
+
+    names, registered = [], set(DatasetCatalog.list())
+    classes = list(FASHION_MNIST_CLASSES)
+    for split in ("train", "val", "trainval", "test"):
+        name = f"{prefix}_voc_{split}"
+        if name not in registered:
+            register_pascal_voc(name, str(out_root / "voc"), split, 2007, classes)
+        names.append(name)
+    for split in ("train", "test"):
+        name = f"{prefix}_coco_{split}"
+        if name not in registered:
+            json_file = str(out_root / "coco" / "annotations" / f"instances_{split}.json")
+            register_coco_instances(name, {}, json_file, str(out_root / "voc" / "JPEGImages"))
+        names.append(name)
+    return names
 
 
 def _idx_bytes_by_hand(arr: np.ndarray) -> bytes:
@@ -71,10 +114,11 @@ def fm_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory, fm_dir) -> Path:
-    return make_fashion_scenes(tmp_path_factory.mktemp("scenes"), fm_dir, num_train=8, num_test=4, seed=0)  # fmt: skip
+    out = tmp_path_factory.mktemp("scenes")
+    return make_fashion_scenes(out, fm_dir, num_train=8, num_test=4, seed=0)
 
 
-# --------------------------------------------------------------------------- idx / dataset
+# --------------------------------------------------------------------------- idx / ImageFolder
 
 
 def test_read_idx_matches_hand_written_file(tmp_path, fm_dir):
@@ -118,12 +162,14 @@ def test_dataset_returns_pil_images(fm_dir):
 
     ds = FashionMNIST(fm_dir, "train")
     images, labels = load_fashion_mnist(fm_dir, "train")
-    assert len(ds) == 60 and ds.targets == labels.tolist() and ds.classes == list(FASHION_MNIST_CLASSES)  # fmt: skip
+    assert len(ds) == 60 and ds.targets == labels.tolist()
+    assert ds.classes == list(FASHION_MNIST_CLASSES)
     img, t = ds[7]
     assert isinstance(img, Image.Image) and img.mode == "RGB" and img.size == (28, 28)
     assert t == int(labels[7])
     assert np.array_equal(np.asarray(img)[..., 0], images[7])
-    limited = FashionMNIST(fm_dir, "train", limit_per_class=2, rgb=False, transform=transforms.ToTensor())  # fmt: skip
+    to_tensor = transforms.ToTensor()
+    limited = FashionMNIST(fm_dir, "train", limit_per_class=2, rgb=False, transform=to_tensor)
     assert np.bincount(limited.targets).tolist() == [2] * 10
     x, _ = limited[0]
     assert tuple(x.shape) == (1, 28, 28)
@@ -138,7 +184,8 @@ def test_export_imagefolder(tmp_path, fm_dir):
 
     out = export_imagefolder(tmp_path / "if", fm_dir, limit_per_class=3, val_limit_per_class=1)
     train, val = ImageFolder(str(out / "train")), ImageFolder(str(out / "val"))
-    assert len(train.classes) == 10 and train.classes[0] == "0_t-shirt" and train.classes[9] == "9_ankle-boot"  # fmt: skip
+    assert len(train.classes) == 10
+    assert train.classes[0] == "0_t-shirt" and train.classes[9] == "9_ankle-boot"
     assert np.bincount(train.targets).tolist() == [3] * 10  # folder order == label
     assert np.bincount(val.targets).tolist() == [1] * 10
     images, labels = load_fashion_mnist(fm_dir, "train")
@@ -153,7 +200,9 @@ def test_export_imagefolder(tmp_path, fm_dir):
     assert os.path.getmtime(out / ".fashion_mnist_export.json") == stamp  # resumed: nothing redone
 
 
-@pytest.mark.skipif(not os.path.isdir(DEFAULT_DIR), reason="Debian package dataset-fashion-mnist not installed")  # fmt: skip
+@pytest.mark.skipif(
+    not os.path.isdir(DEFAULT_DIR), reason="Debian package dataset-fashion-mnist not installed"
+)
 def test_real_package():
     images, labels = load_fashion_mnist(None, "train")
     assert images.shape == (60000, 28, 28) and np.bincount(labels).tolist() == [6000] * 10
@@ -209,21 +258,28 @@ def test_mask_to_polygons_covers_mask():
     assert (dec & m).sum() >= 0.8 * m.sum() and not (dec & ~m).any()
 
 
+def _decode(polygons: list, h: int, w: int) -> np.ndarray:
+    from pycocotools import mask as mask_util
+
+    return mask_util.decode(mask_util.merge(mask_util.frPyObjects(polygons, h, w)))
+
+
 def test_scene_files_voc_and_coco(scenes):
     from detectron2.data.datasets import load_coco_json
     from detectron2.data.datasets.pascal_voc import load_voc_instances
-    from pycocotools import mask as mask_util
 
     voc, classes = scenes / "voc", list(FASHION_MNIST_CLASSES)
     main = voc / "ImageSets" / "Main"
-    assert (main / "train.txt").read_text().split() + (main / "val.txt").read_text().split() == (main / "trainval.txt").read_text().split()  # fmt: skip
+    ids = {s: (main / f"{s}.txt").read_text().split() for s in ("train", "val", "trainval")}
+    assert ids["train"] + ids["val"] == ids["trainval"]
     tv = load_voc_instances(str(voc), "trainval", classes)
     te = load_voc_instances(str(voc), "test", classes)
     assert len(tv) == 8 and len(te) == 4
     voc_boxes = {}
     for r in tv + te:
         root = ET.parse(voc / "Annotations" / f"{r['image_id']}.xml").getroot()
-        assert [o.findtext("name") for o in root.findall("object")] == [classes[a["category_id"]] for a in r["annotations"]]  # fmt: skip
+        xml_names = [o.findtext("name") for o in root.findall("object")]
+        assert xml_names == [classes[a["category_id"]] for a in r["annotations"]]
         voc_boxes[r["image_id"]] = [a["bbox"] for a in r["annotations"]]
         for a in r["annotations"]:
             x0, y0, x1, y1 = a["bbox"]
@@ -236,7 +292,7 @@ def test_scene_files_voc_and_coco(scenes):
         assert [c["name"] for c in data["categories"]] == classes
         size = {im["id"]: (im["height"], im["width"]) for im in data["images"]}
         for a in data["annotations"]:  # area = item pixels; the polygon drops the outer rim
-            poly_mask = mask_util.decode(mask_util.merge(mask_util.frPyObjects(a["segmentation"], *size[a["image_id"]])))  # fmt: skip
+            poly_mask = _decode(a["segmentation"], *size[a["image_id"]])
             assert poly_mask.sum() <= a["area"] <= a["bbox"][2] * a["bbox"][3]
         for r in dicts:
             fid = Path(r["file_name"]).stem
@@ -245,9 +301,10 @@ def test_scene_files_voc_and_coco(scenes):
             for a, vb in zip(r["annotations"], voc_boxes[fid]):
                 x, y, w, h = a["bbox"]
                 assert [x, y, x + w, y + h] == vb
-                m = mask_util.decode(mask_util.merge(mask_util.frPyObjects(a["segmentation"], r["height"], r["width"])))  # fmt: skip
+                m = _decode(a["segmentation"], r["height"], r["width"])
                 ys, xs = np.nonzero(m)
-                assert xs.min() >= x and xs.max() < x + w and ys.min() >= y and ys.max() < y + h  # mask inside box  # fmt: skip
+                # mask inside box
+                assert xs.min() >= x and xs.max() < x + w and ys.min() >= y and ys.max() < y + h
                 assert xs.min() <= x + 1 and xs.max() >= x + w - 2  # and still spans it (tight)
 
 
@@ -281,9 +338,14 @@ def test_cli_fashion(tmp_path, fm_dir):
 
     tool = str(Path(__file__).resolve().parents[1] / "tools" / "make_toy_data.py")
     base = [sys.executable, tool, "--root", str(tmp_path), "--fashion-dir", str(fm_dir)]
-    r = subprocess.run([*base, "--what", "fashion-scenes", "--num-train", "4", "--num-test", "2"], capture_output=True, text=True)  # fmt: skip
+    sizes = ["--num-train", "4", "--num-test", "2"]
+    r = subprocess.run([*base, "--what", "fashion-scenes", *sizes], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert json.loads((tmp_path / "scenes" / "scenes.json").read_text())["counts"]["test"]["images"] == 2  # fmt: skip
-    r = subprocess.run([sys.executable, tool, "--root", str(tmp_path), "--what", "fashion-scenes", "--fashion-dir", str(tmp_path / "none")], capture_output=True, text=True)  # fmt: skip
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: Fashion-MNIST not found")  # fmt: skip
+    summary = json.loads((tmp_path / "scenes" / "scenes.json").read_text())
+    assert summary["counts"]["test"]["images"] == 2
+    missing = [sys.executable, tool, "--root", str(tmp_path), "--what", "fashion-scenes"]
+    missing += ["--fashion-dir", str(tmp_path / "none")]
+    r = subprocess.run(missing, capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("error: Fashion-MNIST not found")
     assert "Traceback" not in r.stderr

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mcl_det.data.formats import rle_encode_uncompressed
 from mcl_det.data.toy import (
     TOY_CLASSES,
     VOC_CLASSES,
     make_all_toy,
     make_toy_coco,
     make_toy_voc,
-    rle_encode_uncompressed,
 )
 from mcl_det.utils.errors import MCLDetError
 
@@ -89,7 +89,8 @@ def test_voc_layout_and_xml_fields(toy):
             for ob in objs:
                 assert ob.findtext("name") in TOY_CLASSES and ob.findtext("name") in VOC_CLASSES
                 assert ob.findtext("pose") == "Unspecified"
-                x0, y0, x1, y1 = (int(ob.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax"))  # fmt: skip
+                corners = ("xmin", "ymin", "xmax", "ymax")
+                x0, y0, x1, y1 = (int(ob.findtext(f"bndbox/{k}")) for k in corners)
                 assert 1 <= x0 <= x1 <= w and 1 <= y0 <= y1 <= h  # 1-based, inclusive
                 trunc, diff = int(ob.findtext("truncated")), int(ob.findtext("difficult"))
                 assert trunc in (0, 1) and diff in (0, 1)
@@ -182,9 +183,11 @@ def test_coco_json_and_detectron2_loader(toy):
             assert m.shape == (h, w)
             assert abs(float(m.sum()) - a["area"]) <= 0.5
             ys, xs = np.nonzero(m)  # the mask lies inside the box (1 px slack: polygon rasterising)
-            assert xs.min() >= x - 1 and xs.max() <= x + bw and ys.min() >= y - 1 and ys.max() <= y + bh  # fmt: skip
+            assert xs.min() >= x - 1 and xs.max() <= x + bw
+            assert ys.min() >= y - 1 and ys.max() <= y + bh
         # detectron2's own loader: same images and instances, ids mapped to a contiguous range
-        dicts = load_coco_json(str(jpath), str(toy / "coco" / f"{split}2017"), f"toy_coco_{split}_test")  # fmt: skip
+        image_root = str(toy / "coco" / f"{split}2017")
+        dicts = load_coco_json(str(jpath), image_root, f"toy_coco_{split}_test")
         assert len(dicts) == n
         assert sum(len(r["annotations"]) for r in dicts) == len(data["annotations"])
         assert all(os.path.isfile(r["file_name"]) for r in dicts)
@@ -241,7 +244,8 @@ def test_builtin_detectron2_names_resolve(toy):
     code = (
         "from detectron2.data import DatasetCatalog as C\n"
         "print(len(C.get('voc_2007_trainval')), len(C.get('voc_2007_test')), "
-        "len(C.get('voc_2012_trainval')), len(C.get('coco_2017_train')), len(C.get('coco_2017_val')))"
+        "len(C.get('voc_2012_trainval')), len(C.get('coco_2017_train')), "
+        "len(C.get('coco_2017_val')))"
     )
     env = {**os.environ, "DETECTRON2_DATASETS": str(toy)}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
@@ -277,14 +281,12 @@ def test_refuses_to_overwrite_foreign_directory(tmp_path):
 
 def test_cli(tmp_path):
     tool = str(ROOT / "tools" / "make_toy_data.py")
-    r = subprocess.run(
-        [sys.executable, tool, "--root", str(tmp_path), "--what", "voc", "--seed", "1"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+    base = [sys.executable, tool, "--root", str(tmp_path)]
+    r = subprocess.run([*base, "--what", "voc", "--seed", "1"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "VOC2007" / "ImageSets" / "Main" / "test.txt").is_file()
     (tmp_path / "coco").mkdir()
     (tmp_path / "coco" / "mine.json").write_text("{}")
-    r = subprocess.run([sys.executable, tool, "--root", str(tmp_path), "--what", "coco"], capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run([*base, "--what", "coco"], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in r.stderr

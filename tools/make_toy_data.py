@@ -6,7 +6,7 @@
 Then ``DETECTRON2_DATASETS=datasets/toy`` makes detectron2's builtin names (voc_2007_trainval,
 coco_2017_train, ...) read them; pretraining reads ``datasets/toy/imagenet``.
 
-Fashion-MNIST (issue 7; needs the idx files, Debian package ``dataset-fashion-mnist``):
+Fashion-MNIST (needs the idx files: Debian package ``dataset-fashion-mnist``, or --fashion-dir):
 
     python tools/make_toy_data.py --root datasets/fashion --what fashion-scenes \
         [--fashion-dir /usr/share/datasets/fashion-mnist] [--num-train 500] [--num-test 200]
@@ -66,7 +66,8 @@ def main() -> int:
         fm_dir = _fashion_dir(args.fashion_dir)
         out = os.path.join(args.root, "imagefolder")
         export_imagefolder(out, fm_dir, limit_per_class=args.limit_per_class)
-    print(f"data ({args.what}, seed {args.seed}) written to {args.root} in {time.perf_counter() - t0:.1f} s")  # fmt: skip
+    seconds = time.perf_counter() - t0
+    print(f"data ({args.what}, seed {args.seed}) written to {args.root} in {seconds:.1f} s")
     return 0
 
 

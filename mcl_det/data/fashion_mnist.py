@@ -1,9 +1,9 @@
-"""Fashion-MNIST from its idx files: a reader, an ImageFolder export and an in-memory Dataset.
+"""Fashion-MNIST from its idx files: a reader and an ImageFolder export.
 
-Why: the small real-image experiment (issue 7) pretrains on the 60k training images and builds its
-detection scenes from the 10k held-out test images. The files come from the Debian package
-``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist/*-idx?-ubyte.gz``) or from the
-upstream download (same names, gzipped or not).
+Why: the small real-image experiment (benchmarks/fashion_mnist_experiment.py) pretrains on the 60k
+training images and builds its detection scenes from the 10k held-out test images. The files come
+from the Debian package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist/*.gz``) or
+from the upstream download (same names, gzipped or not).
 
 idx format (big-endian): two zero bytes, a dtype code (0x08 uint8, 0x09 int8, 0x0B int16,
 0x0C int32, 0x0D float32, 0x0E float64), the number of dimensions, then one uint32 per dimension,
@@ -16,21 +16,20 @@ import gzip
 import json
 import os
 import struct
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from ..utils.errors import MCLDetError
+from ..utils.io import atomic_write_text
 
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 APT_HINT = "apt-get update && apt-get install -y dataset-fashion-mnist"
 # Folder-safe class names (no spaces or slashes), in label order 0..9.
-FASHION_MNIST_CLASSES: tuple[str, ...] = (
-    "t-shirt", "trouser", "pullover", "dress", "coat",
-    "sandal", "shirt", "sneaker", "bag", "ankle-boot",
-)  # fmt: skip
+FASHION_MNIST_CLASSES: tuple[str, ...] = tuple(
+    "t-shirt trouser pullover dress coat sandal shirt sneaker bag ankle-boot".split()
+)
 FILES: dict[str, tuple[str, str]] = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -89,13 +88,15 @@ def _find(d: Path, stem: str) -> Path | None:
 
 def ensure_fashion_mnist(path: str | os.PathLike | None = None) -> Path:
     """Return the directory holding the four idx files, or raise a one-line error saying how to get
-    them (the Debian package, or another ``path``)."""
+    them (the Debian package, or another ``path``). Never installs anything itself: installing
+    system packages is the user's decision."""
     d = Path(path or DEFAULT_DIR)
     missing = [stem for pair in FILES.values() for stem in pair if _find(d, stem) is None]
     if missing:
         raise MCLDetError(
             f"Fashion-MNIST not found in {d} (missing {', '.join(missing)}[.gz]); "
-            f"install it with `{APT_HINT}` or pass the directory that holds these files"
+            f"install it with `{APT_HINT}` or pass the directory that holds these files "
+            "(--fashion-dir DIR)"
         )
     return d
 
@@ -120,7 +121,7 @@ def load_fashion_mnist(
 
 
 def select_per_class(labels: np.ndarray, limit_per_class: int | None) -> np.ndarray:
-    """Indices of the first ``limit_per_class`` items of every class, in file order (deterministic)."""
+    """Indices of the first ``limit_per_class`` items of every class, in file order."""
     if limit_per_class is None:
         return np.arange(len(labels))
     if limit_per_class < 1:
@@ -147,8 +148,6 @@ def export_imagefolder(
     Resumable: a finished export leaves ``out_root/.fashion_mnist_export.json``; calling again with
     the same arguments returns at once. Images stay 28x28 grayscale; pretraining transforms resize.
     """
-    from PIL import Image
-
     out = Path(out_root)
     params = {
         "source": str(ensure_fashion_mnist(path)),
@@ -159,58 +158,15 @@ def export_imagefolder(
     if marker.is_file() and json.loads(marker.read_text()) == params:
         return out
     marker.unlink(missing_ok=True)
-    for split_dir, split, limit in (("train", "train", limit_per_class), ("val", "test", val_limit_per_class)):  # fmt: skip
+    parts = (("train", "train", limit_per_class), ("val", "test", val_limit_per_class))
+    for split_dir, split, limit in parts:
         images, labels = load_fashion_mnist(path, split)
         for k in range(len(FASHION_MNIST_CLASSES)):
             (out / split_dir / class_folder(k)).mkdir(parents=True, exist_ok=True)
         for i in select_per_class(labels, limit):
             dst = out / split_dir / class_folder(int(labels[i])) / f"{split}_{i:05d}.png"
+            # plain writes (no fsync per image): the marker, written last, says the export is
+            # complete, and an interrupted export is redone
             Image.fromarray(images[i]).save(dst, compress_level=1)
-    marker.write_text(json.dumps(params) + "\n")
+    atomic_write_text(marker, json.dumps(params) + "\n")
     return out
-
-
-try:  # torch is always present in this project, but keep the idx reader usable without it
-    from torch.utils.data import Dataset as _TorchDataset
-except ImportError:  # pragma: no cover
-    _TorchDataset = object  # type: ignore[misc,assignment]
-
-
-class FashionMNIST(_TorchDataset):
-    """Fashion-MNIST straight from the idx arrays (no image files), returning PIL images so that
-    torchvision transforms apply unchanged. ``targets`` and ``classes`` mirror ImageFolder's.
-
-    ``rgb=True`` (default) returns 3-channel images, as torchvision ResNets expect.
-    """
-
-    def __init__(
-        self,
-        root: str | os.PathLike | None = None,
-        split: str = "train",
-        transform: Callable[[Any], Any] | None = None,
-        target_transform: Callable[[int], Any] | None = None,
-        limit_per_class: int | None = None,
-        rgb: bool = True,
-    ) -> None:
-        images, labels = load_fashion_mnist(root, split)
-        idx = select_per_class(labels, limit_per_class)
-        self.images, self.labels = images[idx], labels[idx]
-        self.targets: list[int] = self.labels.tolist()
-        self.classes: list[str] = list(FASHION_MNIST_CLASSES)
-        self.transform, self.target_transform, self.rgb = transform, target_transform, rgb
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int):
-        from PIL import Image
-
-        img = Image.fromarray(self.images[i])  # 2-D uint8 -> mode "L"
-        if self.rgb:
-            img = img.convert("RGB")
-        target = int(self.labels[i])
-        if self.transform is not None:
-            img = self.transform(img)
-        if self.target_transform is not None:
-            target = self.target_transform(target)
-        return img, target

@@ -1,10 +1,10 @@
 """Detection scenes built from Fashion-MNIST items, written as a VOC devkit and as COCO json.
 
-Why: issue 7 asks whether MCL pretraining on Fashion-MNIST transfers to *detection*. There is no
-detection set of clothes at that scale, so we compose one: several held-out (t10k) items pasted at
-random scales and positions on a larger noisy canvas, with unlabelled fragments of other items as
-clutter. The label is the item's class, the mask the item's pixels (value above a threshold after
-scaling), the box the tight extent of that mask.
+Why: the Fashion-MNIST experiment asks whether MCL pretraining on Fashion-MNIST transfers to
+*detection*. There is no detection set of clothes at that scale, so we compose one: several
+held-out (t10k) items pasted at random scales and positions on a larger noisy canvas, with
+unlabelled fragments of other items as clutter. The label is the item's class, the mask the item's
+pixels (value above a threshold after scaling), the box the tight extent of that mask.
 
 Layout of ``out_root`` (one set of JPEGs, two annotation formats):
 
@@ -29,15 +29,17 @@ import numpy as np
 from PIL import Image
 
 from ..utils.errors import MCLDetError
+from ..utils.io import atomic_write_text
 from .fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
-from .toy import (  # fmt: skip
-    ToyObject,
-    _mask_box,
-    _prepare_dir,
-    _voc_xml,
-    _write_bytes,
-    _write_jpeg,
-    _write_split,
+from .formats import (
+    SceneObject,
+    coco_bbox,
+    mask_box,
+    prepare_output_dir,
+    write_coco_json,
+    write_jpeg,
+    write_voc_annotation,
+    write_voc_splits,
 )
 
 SCENES_FORMAT = "mcl_det.fashion_scenes/v1"
@@ -74,7 +76,7 @@ def render_fashion_scene(
     items_range: tuple[int, int] = (2, 5),
     scale_range: tuple[float, float] = (1.5, 4.0),
     threshold: int = 20,
-) -> tuple[np.ndarray, list[ToyObject]]:
+) -> tuple[np.ndarray, list[SceneObject]]:
     """One scene: HxWx3 uint8 image and its objects (label, amodal mask, tight box).
 
     ``images``/``labels`` are the item pool (Nx28x28 uint8, N). Items are grayscale; the canvas is
@@ -98,7 +100,7 @@ def render_fashion_scene(
         px, py = int(rng.integers(0, w - fw)), int(rng.integers(0, h - fh))
         region = gray[py : py + fh, px : px + fw]
         np.maximum(region, 0.5 * frag, out=region)
-    objs: list[ToyObject] = []
+    objs: list[SceneObject] = []
     for _ in range(int(rng.integers(items_range[0], items_range[1] + 1))):
         for _try in range(25):
             j = int(rng.integers(len(images)))
@@ -111,7 +113,8 @@ def render_fashion_scene(
             mask = np.zeros((h, w), bool)
             mask[py : py + ih, px : px + iw] = m
             # cap the overlap with earlier items (both ways) so every item stays mostly visible
-            if objs and any((mask & o.mask).sum() > 0.25 * min(mask.sum(), o.mask.sum()) for o in objs):  # fmt: skip
+            n_pix = mask.sum()
+            if any((mask & o.mask).sum() > 0.25 * min(n_pix, o.mask.sum()) for o in objs):
                 continue
             gain = rng.uniform(0.8, 1.1)
             # soft edges: the item's dim rim (just above the threshold) blends into the background
@@ -119,8 +122,8 @@ def render_fashion_scene(
             alpha = np.clip(pix.astype(np.float32) / (2 * threshold), 0, 1) * m
             region = gray[py : py + ih, px : px + iw]
             region += alpha * (np.minimum(pix * gain, 255) - region)
-            box = _mask_box(mask)
-            objs.append(ToyObject(int(labels[j]), mask, [], False, False, box))
+            box = mask_box(mask)
+            objs.append(SceneObject(int(labels[j]), mask, [], False, False, box))
             break
     tint = rng.uniform(0.85, 1.15, size=3)
     img = np.clip(gray[..., None] * tint, 0, 255).astype(np.uint8)
@@ -179,12 +182,15 @@ def make_fashion_scenes(
     out.mkdir(parents=True, exist_ok=True)
     summary.unlink(missing_ok=True)
     voc, coco = out / "voc", out / "coco"
-    _prepare_dir(voc, "fashion_scenes_voc", params)
-    _prepare_dir(coco, "fashion_scenes_coco", params)
+    prepare_output_dir(voc, "fashion_scenes_voc", params)
+    prepare_output_dir(coco, "fashion_scenes_coco", params)
     half = len(images) // 2  # train scenes: first half of the pool; test scenes: second half
     pools = {"train": (images[:half], labels[:half]), "test": (images[half:], labels[half:])}
     ids: dict[str, list[str]] = {"train": [], "test": []}
-    coco_data = {}
+    categories = [
+        {"id": k + 1, "name": n, "supercategory": "fashion"}
+        for k, n in enumerate(FASHION_MNIST_CLASSES)
+    ]
     counts = {}
     for si, (split, num) in enumerate((("train", num_train), ("test", num_test))):
         rng = np.random.default_rng([int(seed), 7, si])
@@ -192,11 +198,14 @@ def make_fashion_scenes(
         cimages, canns = [], []
         n_obj = 0
         for i in range(num):
-            img, objs = render_fashion_scene(rng, pool_images, pool_labels, canvas_range, items_range)  # fmt: skip
+            img, objs = render_fashion_scene(
+                rng, pool_images, pool_labels, canvas_range, items_range
+            )
             h, w = img.shape[:2]
             fid = f"{split}_{i:06d}"
-            _write_jpeg(voc / "JPEGImages" / f"{fid}.jpg", img)
-            _write_bytes(voc / "Annotations" / f"{fid}.xml", _voc_xml("voc", f"{fid}.jpg", w, h, objs, FASHION_MNIST_CLASSES))  # fmt: skip
+            write_jpeg(voc / "JPEGImages" / f"{fid}.jpg", img)
+            xml = voc / "Annotations" / f"{fid}.xml"
+            write_voc_annotation(xml, "voc", f"{fid}.jpg", (w, h), objs, FASHION_MNIST_CLASSES)
             ids[split].append(fid)
             img_id = (si + 1) * 1_000_000 + i + 1
             cimages.append({"id": img_id, "file_name": f"{fid}.jpg", "width": w, "height": h})
@@ -204,64 +213,31 @@ def make_fashion_scenes(
                 polys = mask_to_polygons(o.mask)
                 if not polys:  # cannot happen for items >= 8 px, but never write an empty segm
                     continue
-                x0, y0, x1, y1 = o.box
                 n_obj += 1
-                canns.append({
-                    "id": len(canns) + 1 + si * 10_000_000,
-                    "image_id": img_id, "category_id": o.label + 1, "iscrowd": 0,
-                    "bbox": [float(x0), float(y0), float(x1 - x0 + 1), float(y1 - y0 + 1)],
-                    "area": float(o.mask.sum()), "segmentation": polys,
-                })  # fmt: skip
+                canns.append(
+                    {
+                        "id": len(canns) + 1 + si * 10_000_000,
+                        "image_id": img_id,
+                        "category_id": o.label + 1,
+                        "iscrowd": 0,
+                        "bbox": coco_bbox(o.box),
+                        "area": float(o.mask.sum()),
+                        "segmentation": polys,
+                    }
+                )
         counts[split] = {"images": num, "objects": n_obj}
-        coco_data[split] = {
-            "info": {
+        write_coco_json(
+            coco / "annotations" / f"instances_{split}.json",
+            info={
                 "description": "mcl_det Fashion-MNIST detection scenes",
                 "version": SCENES_FORMAT,
-            },  # fmt: skip
-            "licenses": [{"id": 1, "name": "MIT (Fashion-MNIST, Zalando SE)", "url": ""}],
-            "images": cimages,
-            "annotations": canns,
-            "categories": [
-                {"id": k + 1, "name": n, "supercategory": "fashion"}
-                for k, n in enumerate(FASHION_MNIST_CLASSES)
-            ],
-        }
-    main = voc / "ImageSets" / "Main"
-    n_half = len(ids["train"]) // 2
-    _write_split(main / "train.txt", ids["train"][:n_half])
-    _write_split(main / "val.txt", ids["train"][n_half:])
-    _write_split(main / "trainval.txt", ids["train"])
-    _write_split(main / "test.txt", ids["test"])
-    for split, data in coco_data.items():
-        _write_bytes(coco / "annotations" / f"instances_{split}.json", json.dumps(data).encode())
-    _write_bytes(summary, (json.dumps({"params": params, "counts": counts}, indent=2) + "\n").encode())  # fmt: skip
-    return out
-
-
-def register_fashion_scenes(out_root: str | os.PathLike, prefix: str = "fashion") -> list[str]:
-    """Register ``<prefix>_voc_{train,val,trainval,test}`` and ``<prefix>_coco_{train,test}`` with
-    detectron2 (idempotent). VOC names evaluate with the 2012 (all-point) AP metric."""
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-    from detectron2.data.datasets import register_coco_instances
-    from detectron2.data.datasets.pascal_voc import register_pascal_voc
-
-    out = Path(out_root)
-    if not (out / "scenes.json").is_file():
-        raise MCLDetError(
-            f"no Fashion-MNIST scenes in {out}; make them first (make_fashion_scenes)"
+            },
+            licenses=[{"id": 1, "name": "MIT (Fashion-MNIST, Zalando SE)", "url": ""}],
+            images=cimages,
+            annotations=canns,
+            categories=categories,
         )
-    names: list[str] = []
-    registered = set(DatasetCatalog.list())
-    for split in ("train", "val", "trainval", "test"):
-        name = f"{prefix}_voc_{split}"
-        if name not in registered:
-            register_pascal_voc(name, str(out / "voc"), split, 2012, list(FASHION_MNIST_CLASSES))
-            MetadataCatalog.get(name).evaluator_type = "pascal_voc"
-        names.append(name)
-    for split in ("train", "test"):
-        name = f"{prefix}_coco_{split}"
-        if name not in registered:
-            json_file = str(out / "coco" / "annotations" / f"instances_{split}.json")
-            register_coco_instances(name, {}, json_file, str(out / "voc" / "JPEGImages"))
-        names.append(name)
-    return names
+    write_voc_splits(voc, ids["train"], ids["test"])
+    # written last: its presence says the whole set is complete
+    atomic_write_text(summary, json.dumps({"params": params, "counts": counts}, indent=2) + "\n")
+    return out

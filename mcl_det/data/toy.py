@@ -15,9 +15,9 @@ cluttered background (noise, faint lines and blobs):
 
 Real dataset class names are used so that detectron2's builtin dataset names
 (``voc_2007_trainval``, ``coco_2017_train``, ...) load these files unchanged when
-``DETECTRON2_DATASETS`` points at the toy root: the VOC files only use names from the 20 VOC classes,
-and the COCO json lists all 80 COCO categories with their real, non-contiguous ids (objects are only
-drawn for the four above). ``make_toy_coco(..., categories="toy")`` writes only those four.
+``DETECTRON2_DATASETS`` points at the toy root: the VOC files only use names from the 20 VOC
+classes, and the COCO json lists all 80 COCO categories with their real, non-contiguous ids (objects
+are only drawn for the four above). ``make_toy_coco(..., categories="toy")`` writes only those four.
 
 Limits, honestly: masks and boxes are *amodal* (an object partly hidden by a later one keeps its
 full extent, as VOC boxes do; real COCO masks cover only the visible part). Overlap is kept small
@@ -26,34 +26,43 @@ full extent, as VOC boxes do; real COCO masks cover only the visible part). Over
 
 from __future__ import annotations
 
-import io
-import json
 import os
-import shutil
-import tempfile
-import xml.etree.ElementTree as ET
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from ..utils.errors import MCLDetError
+from .formats import (
+    SceneObject,
+    coco_bbox,
+    mask_box,
+    prepare_output_dir,
+    rle_encode_uncompressed,
+    write_coco_json,
+    write_jpeg,
+    write_voc_annotation,
+    write_voc_splits,
+)
 
 # The 20 Pascal VOC class names, in detectron2's (and the devkit's) order.
-VOC_CLASSES: tuple[str, ...] = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-    "tvmonitor",
-)  # fmt: skip
+VOC_CLASSES: tuple[str, ...] = tuple(
+    "aeroplane bicycle bird boat bottle bus car cat chair cow diningtable dog horse motorbike "
+    "person pottedplant sheep sofa train tvmonitor".split()
+)
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 TEXTURES: tuple[str, ...] = ("stripes", "checker", "dots", "grid")
 # VOC class names of the four toy shapes (all in VOC_CLASSES), in SHAPES order.
 TOY_CLASSES: tuple[str, ...] = ("aeroplane", "bicycle", "bird", "boat")
 # COCO (id, name) of the four toy shapes, in SHAPES order: real COCO ids, non-contiguous.
-TOY_COCO_CATEGORIES: tuple[tuple[int, str], ...] = ((5, "airplane"), (2, "bicycle"), (16, "bird"), (9, "boat"))  # fmt: skip
+TOY_COCO_CATEGORIES: tuple[tuple[int, str], ...] = (
+    (5, "airplane"),
+    (2, "bicycle"),
+    (16, "bird"),
+    (9, "boat"),
+)
 
 # Colour pairs (foreground, accent). Appearance k uses shape k % 4 and palette k // 4, so up to
 # 16 visually distinct classes exist (used by ImageFolder with num_classes > 4, custom VOC lists).
@@ -63,26 +72,16 @@ _PALETTES: tuple[tuple[tuple[int, int, int], ...], ...] = (
     ((120, 200, 40), (40, 40, 40), (250, 250, 250), (160, 100, 40)),
     ((60, 60, 180), (200, 200, 90), (200, 60, 100), (90, 160, 140)),
 )
-_ACCENTS: tuple[tuple[int, int, int], ...] = ((250, 250, 250), (20, 20, 20), (90, 30, 120), (250, 200, 200))  # fmt: skip
+_ACCENTS: tuple[tuple[int, int, int], ...] = (
+    (250, 250, 250),
+    (20, 20, 20),
+    (90, 30, 120),
+    (250, 200, 200),
+)
 MAX_APPEARANCES = len(SHAPES) * len(_PALETTES)
-
-_MARKER = ".mcl_det_toy.json"
 
 
 # --------------------------------------------------------------------------- drawing
-
-
-@dataclass
-class ToyObject:
-    """One drawn object: its class index (appearance), mask and annotation flags."""
-
-    label: int
-    mask: np.ndarray  # HxW bool, the full (amodal) shape clipped to the image
-    polygon: list[float]  # flat [x1, y1, x2, y2, ...], clipped to the image
-    truncated: bool
-    difficult: bool
-    # x0, y0, x1, y1: inclusive pixel indices of the mask's extent (tight box)
-    box: tuple[int, int, int, int] = (0, 0, 0, 0)
 
 
 def _shape_polygon(shape: int, cx: float, cy: float, r: float, theta: float) -> np.ndarray:  # Kx2
@@ -108,7 +107,8 @@ def _shape_polygon(shape: int, cx: float, cy: float, r: float, theta: float) -> 
 def _clip_polygon(pts: np.ndarray, w: int, h: int) -> np.ndarray:  # Kx2 -> Mx2
     """Sutherland-Hodgman clipping against the image rectangle (a convex window)."""
     out = [tuple(p) for p in pts]
-    for axis, bound, keep_below in ((0, 0.0, False), (0, float(w), True), (1, 0.0, False), (1, float(h), True)):  # fmt: skip
+    edges = ((0, 0.0, False), (0, float(w), True), (1, 0.0, False), (1, float(h), True))
+    for axis, bound, keep_below in edges:
         if not out:
             break
         src, out = out, []
@@ -171,13 +171,6 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return np.asarray(canvas).copy()
 
 
-def _mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return None
-    return int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
-
-
 def _overlap(a, b) -> float:
     """Intersection over the *smaller* box: a small object may not hide under a large one."""
     ix = max(0, min(a[2], b[2]) - max(a[0], b[0]) + 1)
@@ -191,7 +184,7 @@ def _paint(img: np.ndarray, label: int, mask: np.ndarray, theta: float, rng) -> 
     shape, pal = label % len(SHAPES), label // len(SHAPES)
     fg = np.clip(np.array(_PALETTES[pal][shape]) + rng.integers(-20, 21, 3), 0, 255)
     accent = np.clip(np.array(_ACCENTS[pal]) + rng.integers(-20, 21, 3), 0, 255)
-    box = _mask_box(mask)
+    box = mask_box(mask)
     x0, y0, x1, y1 = box
     tex = _texture(shape, y1 - y0 + 1, x1 - x0 + 1, theta, float(rng.uniform(4, 7)), fg, accent)
     sub = mask[y0 : y1 + 1, x0 : x1 + 1]
@@ -216,7 +209,7 @@ def render_scene(
     max_radius: float | None = None,
     p_truncated: float = 0.12,
     p_small: float = 0.08,
-) -> tuple[np.ndarray, list[ToyObject]]:
+) -> tuple[np.ndarray, list[SceneObject]]:
     """Draw up to ``num_objects`` toy objects (labels drawn from ``labels``) on a cluttered canvas.
 
     ``size`` is (width, height). Returns the HxWx3 uint8 image and the objects, in drawing order.
@@ -226,7 +219,7 @@ def render_scene(
     w, h = size
     img = _background(rng, h, w)
     max_radius = max_radius or 0.22 * min(w, h)
-    objs: list[ToyObject] = []
+    objs: list[SceneObject] = []
     for k in range(num_objects):
         truncate = (force_truncated and k == 0) or rng.random() < p_truncated
         small = (force_small and k == 0 and not truncate) or rng.random() < p_small
@@ -248,7 +241,7 @@ def render_scene(
             if len(clipped) < 3:
                 continue
             mask = _rasterize(clipped, w, h)
-            box = _mask_box(mask)
+            box = mask_box(mask)
             if box is None:
                 continue
             full_area = np.ptp(poly[:, 0]) * np.ptp(poly[:, 1])
@@ -257,57 +250,16 @@ def render_scene(
                 continue
             if any(_overlap(box, o.box) > 0.3 for o in objs):
                 continue
-            crosses = bool(
-                (poly[:, 0] < 0).any() or (poly[:, 0] > w).any() or (poly[:, 1] < 0).any() or (poly[:, 1] > h).any()
-            )  # fmt: skip
+            crosses = bool((poly < 0).any() or (poly > [w, h]).any())  # beyond any border
             difficult = max(box[2] - box[0], box[3] - box[1]) + 1 < 12
             _paint(img, label, mask, theta, rng)
             flat = [round(float(v), 2) for v in clipped.reshape(-1)]
-            objs.append(ToyObject(label, mask, flat, crosses, difficult, box))
+            objs.append(SceneObject(label, mask, flat, crosses, difficult, box))
             break
     return img, objs
 
 
-# --------------------------------------------------------------------------- file helpers
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    """tmp + rename: a reader never sees a half-written file (no fsync: toy data is cheap to redo)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _write_jpeg(path: Path, img: np.ndarray, quality: int = 92) -> None:
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="JPEG", quality=quality)
-    _write_bytes(path, buf.getvalue())
-
-
-def _prepare_dir(d: Path, what: str, params: dict) -> None:
-    """Empty ``d`` for regeneration, but refuse to touch a directory we did not generate.
-
-    Why: ``--root`` may by mistake point at a real dataset; regenerating toy data must never delete
-    real data. A marker file records that (and how) the directory was generated.
-    """
-    if d.exists() and any(d.iterdir()):
-        if not (d / _MARKER).is_file():
-            raise MCLDetError(
-                f"{d} exists and was not made by make_toy_data ({what}); "
-                "choose another --root or remove that directory yourself"
-            )
-        shutil.rmtree(d)
-    d.mkdir(parents=True, exist_ok=True)
-    _write_bytes(
-        d / _MARKER, (json.dumps({"what": what, **params}, sort_keys=True) + "\n").encode()
-    )
+# --------------------------------------------------------------------------- helpers
 
 
 def _rng(seed: int, *stream: int) -> np.random.Generator:
@@ -347,58 +299,39 @@ def make_toy_imagenet(
     """
     root = Path(root)
     if not 1 <= num_classes <= MAX_APPEARANCES:
-        raise MCLDetError(f"num_classes={num_classes}: the toy ImageFolder supports 1..{MAX_APPEARANCES}")  # fmt: skip
+        raise MCLDetError(
+            f"num_classes={num_classes}: the toy ImageFolder supports 1..{MAX_APPEARANCES}"
+        )
     _check_count("train_per_class", train_per_class, 1)
     _check_count("val_per_class", val_per_class, 1)
     w, h = _size(size)
-    params = dict(num_classes=num_classes, train_per_class=train_per_class, val_per_class=val_per_class, size=[w, h], seed=seed)  # fmt: skip
-    _prepare_dir(root, "imagenet", params)
+    params = dict(
+        num_classes=num_classes,
+        train_per_class=train_per_class,
+        val_per_class=val_per_class,
+        size=[w, h],
+        seed=seed,
+    )
+    prepare_output_dir(root, "imagenet", params)
+    # one large object per image, rarely cut by the border, never tiny
+    draw = dict(
+        min_radius=0.22 * min(w, h), max_radius=0.4 * min(w, h), p_small=0.0, p_truncated=0.1
+    )
     for si, (split, per_class) in enumerate((("train", train_per_class), ("val", val_per_class))):
         rng = _rng(seed, 1, si)
         for k in range(num_classes):
             wnid = f"n{k + 1:08d}"
             for i in range(per_class):
-                img, _ = render_scene(rng, (w, h), [k], 1, min_radius=0.22 * min(w, h), max_radius=0.4 * min(w, h), p_small=0.0, p_truncated=0.1)  # fmt: skip
+                img, _ = render_scene(rng, (w, h), [k], 1, **draw)
                 if split == "train":
                     name = f"{wnid}_{i + 1}.JPEG"
                 else:
                     name = f"ILSVRC2012_val_{k * per_class + i + 1:08d}.JPEG"
-                _write_jpeg(root / split / wnid / name, img)
+                write_jpeg(root / split / wnid / name, img)
     return root
 
 
 # --------------------------------------------------------------------------- Pascal VOC
-
-
-def _voc_xml(folder: str, filename: str, w: int, h: int, objs: list[ToyObject], names: Sequence[str]) -> bytes:  # fmt: skip
-    ann = ET.Element("annotation")
-    ET.SubElement(ann, "folder").text = folder
-    ET.SubElement(ann, "filename").text = filename
-    src = ET.SubElement(ann, "source")
-    ET.SubElement(src, "database").text = "mcl_det toy database"
-    ET.SubElement(src, "annotation").text = "mcl_det toy generator"
-    sz = ET.SubElement(ann, "size")
-    ET.SubElement(sz, "width").text = str(w)
-    ET.SubElement(sz, "height").text = str(h)
-    ET.SubElement(sz, "depth").text = "3"
-    ET.SubElement(ann, "segmented").text = "0"
-    for o in objs:
-        ob = ET.SubElement(ann, "object")
-        ET.SubElement(ob, "name").text = names[o.label]
-        ET.SubElement(ob, "pose").text = "Unspecified"
-        ET.SubElement(ob, "truncated").text = str(int(o.truncated))
-        ET.SubElement(ob, "difficult").text = str(int(o.difficult))
-        bb = ET.SubElement(ob, "bndbox")
-        # VOC boxes are 1-based inclusive pixel indices: xmin=1, xmax=W covers the whole width.
-        x0, y0, x1, y1 = o.box
-        for tag, v in (("xmin", x0 + 1), ("ymin", y0 + 1), ("xmax", x1 + 1), ("ymax", y1 + 1)):
-            ET.SubElement(bb, tag).text = str(v)
-    ET.indent(ann, space="\t")
-    return ET.tostring(ann, encoding="utf-8") + b"\n"
-
-
-def _write_split(path: Path, ids: Sequence[str]) -> None:
-    _write_bytes(path, "".join(i + "\n" for i in ids).encode())
 
 
 def _voc_year(
@@ -409,27 +342,22 @@ def _voc_year(
     size: tuple[int, int],
     names: Sequence[str],
     drawn: Sequence[int],
-    rng,  # fmt: skip
+    rng: np.random.Generator,
 ) -> None:
-    w, h = size
     ids_trainval, ids_test = [], []
-    total = num_train + num_test
-    for i in range(total):
+    for i in range(num_train + num_test):
         fid = f"{i + 1:06d}" if year == "2007" else f"{year}_{i + 1:06d}"
         split_i = i if i < num_train else i - num_train
+        n_obj = int(rng.integers(1, 5))
+        # the first image of each split has a truncated object, the second a small one
         img, objs = render_scene(
-            rng, (w, h), drawn, int(rng.integers(1, 5)), force_truncated=split_i == 0, force_small=split_i == 1
-        )  # fmt: skip
-        _write_jpeg(d / "JPEGImages" / f"{fid}.jpg", img)
-        _write_bytes(d / "Annotations" / f"{fid}.xml", _voc_xml(f"VOC{year}", f"{fid}.jpg", w, h, objs, names))  # fmt: skip
+            rng, size, drawn, n_obj, force_truncated=split_i == 0, force_small=split_i == 1
+        )
+        write_jpeg(d / "JPEGImages" / f"{fid}.jpg", img)
+        xml = d / "Annotations" / f"{fid}.xml"
+        write_voc_annotation(xml, f"VOC{year}", f"{fid}.jpg", size, objs, names)
         (ids_trainval if i < num_train else ids_test).append(fid)
-    half = len(ids_trainval) // 2
-    main = d / "ImageSets" / "Main"
-    _write_split(main / "train.txt", ids_trainval[:half])
-    _write_split(main / "val.txt", ids_trainval[half:])
-    _write_split(main / "trainval.txt", ids_trainval)
-    if ids_test:
-        _write_split(main / "test.txt", ids_test)
+    write_voc_splits(d, ids_trainval, ids_test)
 
 
 def make_toy_voc(
@@ -443,17 +371,17 @@ def make_toy_voc(
 ) -> Path:
     """Pascal VOC devkit(s) ``root/VOC<year>/{JPEGImages,Annotations,ImageSets/Main}``.
 
-    ``num_train`` images form trainval (first half train, second half val) and ``num_test`` images
-    form test (VOC2007 only, as in the real devkit). ``classes=None`` uses the 20 VOC names and draws
-    the four toy shapes as aeroplane/bicycle/bird/boat; a custom list draws its first (up to 16)
-    classes. ``size`` is (width, height). Returns ``root``.
+    ``num_train`` images form trainval (first half train, second half val) and ``num_test``
+    images form test (VOC2007 only, as in the real devkit). ``classes=None`` uses the 20 VOC names
+    and draws the four toy shapes as aeroplane/bicycle/bird/boat; a custom list draws its first (up
+    to 16) classes. ``size`` is (width, height). Returns ``root``.
     """
     root = Path(root)
-    _check_count(
-        "num_train", num_train, 4
-    )  # train/val halves of >= 2 ids (detectron2 0.6 needs >1)
+    # train/val halves of >= 2 ids each (detectron2 0.6 needs more than one image per split)
+    _check_count("num_train", num_train, 4)
     names = list(VOC_CLASSES if classes is None else classes)
-    if not names or len(set(names)) != len(names) or any((not n) or any(c.isspace() or c == "/" for c in n) for n in names):  # fmt: skip
+    bad = [n for n in names if not n or any(c.isspace() or c == "/" for c in n)]
+    if not names or len(set(names)) != len(names) or bad:
         raise MCLDetError(
             f"bad VOC class list {names}; give unique names without spaces or slashes"
         )
@@ -471,43 +399,35 @@ def make_toy_voc(
             _check_count("num_test", num_test, 2)
         d = root / f"VOC{year}"
         params = dict(num_train=num_train, num_test=n_test, size=[w, h], classes=names, seed=seed)
-        _prepare_dir(d, f"voc{year}", params)
+        prepare_output_dir(d, f"voc{year}", params)
         _voc_year(d, year, num_train, n_test, (w, h), names, drawn, _rng(seed, 2, int(year)))
     return root
 
 
 # --------------------------------------------------------------------------- COCO
 
-
-def rle_encode_uncompressed(mask: np.ndarray) -> dict:
-    """COCO uncompressed RLE of an HxW mask: run lengths over the column-major (Fortran) pixel
-    order, starting with a run of zeros (possibly empty), as in COCO's iscrowd annotations."""
-    h, w = mask.shape
-    flat = np.asarray(mask, dtype=bool).reshape(-1, order="F")
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    bounds = np.concatenate([[0], change, [flat.size]])
-    counts = np.diff(bounds).tolist()
-    if flat.size and flat[0]:
-        counts = [0, *counts]
-    return {"counts": [int(c) for c in counts], "size": [int(h), int(w)]}
-
-
 # The 80 COCO "thing" category names in id order; ids run 1..90 with the ten gaps below, as in
 # instances_*2017.json (tests check this against detectron2's builtin metadata).
-COCO_NAMES: tuple[str, ...] = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
-    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
-    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
-    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
-    "teddy bear", "hair drier", "toothbrush",
-)  # fmt: skip
+_COCO_NAMES_CSV = (
+    "person,bicycle,car,motorcycle,airplane,bus,train,truck,boat,traffic light,fire hydrant,"
+    "stop sign,parking meter,bench,bird,cat,dog,horse,sheep,cow,elephant,bear,zebra,giraffe,"
+    "backpack,umbrella,handbag,tie,suitcase,frisbee,skis,snowboard,sports ball,kite,baseball bat,"
+    "baseball glove,skateboard,surfboard,tennis racket,bottle,wine glass,cup,fork,knife,spoon,"
+    "bowl,banana,apple,sandwich,orange,broccoli,carrot,hot dog,pizza,donut,cake,chair,couch,"
+    "potted plant,bed,dining table,toilet,tv,laptop,mouse,remote,keyboard,cell phone,microwave,"
+    "oven,toaster,sink,refrigerator,book,clock,vase,scissors,teddy bear,hair drier,toothbrush"
+)
+COCO_NAMES: tuple[str, ...] = tuple(_COCO_NAMES_CSV.split(","))
 _COCO_MISSING_IDS = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)
 COCO_IDS: tuple[int, ...] = tuple(i for i in range(1, 91) if i not in _COCO_MISSING_IDS)
+_COCO_INFO = {
+    "description": "mcl_det toy COCO",
+    "version": "1.0",
+    "year": 2026,
+    "contributor": "mcl_det",
+    "date_created": "2026-01-01",
+}
+_COCO_LICENSES = [{"id": 1, "name": "CC0 (synthetic data)", "url": ""}]
 
 
 def _coco_categories(categories: str) -> list[dict]:
@@ -520,15 +440,29 @@ def _coco_categories(categories: str) -> list[dict]:
     return [{"id": i, "name": n, "supercategory": "thing"} for i, n in zip(COCO_IDS, COCO_NAMES)]
 
 
+def _coco_annotation(
+    ann_id: int, img_id: int, category_id: int, segmentation, area: float, box, iscrowd: int
+) -> dict:
+    return {
+        "id": ann_id,
+        "image_id": img_id,
+        "category_id": category_id,
+        "segmentation": segmentation,
+        "area": area,
+        "bbox": coco_bbox(box),
+        "iscrowd": iscrowd,
+    }
+
+
 def _coco_split(
     root: Path,
     split: str,
     num: int,
     size: tuple[int, int],
-    categories: list[dict],
-    rng,
-    first_image_id: int,  # fmt: skip
-) -> dict:
+    rng: np.random.Generator,
+    first_image_id: int,
+) -> tuple[list[dict], list[dict]]:
+    """Draw and write one split's images; returns its COCO ``images`` and ``annotations``."""
     from pycocotools import mask as mask_util
 
     w, h = size
@@ -542,47 +476,39 @@ def _coco_split(
         n_obj = 0 if empty else int(rng.integers(1, 5))
         img, objs = render_scene(rng, (w, h), range(len(SHAPES)), n_obj, force_truncated=i == 0)
         crowd = None
-        if i == 1 or (
-            not empty and rng.random() < 0.12
-        ):  # a crowd: a cluster of tiny same-class shapes
+        # a crowd: a cluster of tiny same-class shapes
+        if i == 1 or (not empty and rng.random() < 0.12):
             crowd = _crowd(img, rng, w, h, objs)
-        _write_jpeg(root / f"{split}2017" / fname, img)
-        images.append({"id": img_id, "file_name": fname, "width": w, "height": h, "license": 1, "date_captured": "2026-01-01 00:00:00"})  # fmt: skip
+        write_jpeg(root / f"{split}2017" / fname, img)
+        images.append(
+            {
+                "id": img_id,
+                "file_name": fname,
+                "width": w,
+                "height": h,
+                "license": 1,
+                "date_captured": "2026-01-01 00:00:00",
+            }
+        )
         for o in objs:
             rles = mask_util.frPyObjects([o.polygon], h, w)
             area = float(mask_util.area(mask_util.merge(rles)))
-            x0, y0, x1, y1 = o.box
             ann_id += 1
-            anns.append({
-                "id": ann_id, "image_id": img_id, "category_id": toy_ids[o.label],
-                "segmentation": [o.polygon], "area": area,
-                "bbox": [float(x0), float(y0), float(x1 - x0 + 1), float(y1 - y0 + 1)], "iscrowd": 0,
-            })  # fmt: skip
+            cat = toy_ids[o.label]
+            anns.append(_coco_annotation(ann_id, img_id, cat, [o.polygon], area, o.box, 0))
         if crowd is not None:
             label, mask = crowd
-            x0, y0, x1, y1 = _mask_box(mask)
             ann_id += 1
-            anns.append({
-                "id": ann_id, "image_id": img_id, "category_id": toy_ids[label],
-                "segmentation": rle_encode_uncompressed(mask), "area": float(mask.sum()),
-                "bbox": [float(x0), float(y0), float(x1 - x0 + 1), float(y1 - y0 + 1)], "iscrowd": 1,
-            })  # fmt: skip
-    return {
-        "info": {
-            "description": "mcl_det toy COCO",
-            "version": "1.0",
-            "year": 2026,
-            "contributor": "mcl_det",
-            "date_created": "2026-01-01",
-        },  # fmt: skip
-        "licenses": [{"id": 1, "name": "CC0 (synthetic data)", "url": ""}],
-        "images": images,
-        "annotations": anns,
-        "categories": categories,
-    }
+            rle, area = rle_encode_uncompressed(mask), float(mask.sum())
+            anns.append(
+                _coco_annotation(ann_id, img_id, toy_ids[label], rle, area, mask_box(mask), 1)
+            )
+    return images, anns
 
 
-def _crowd(img: np.ndarray, rng, w: int, h: int, objs: list[ToyObject]) -> tuple[int, np.ndarray] | None:  # fmt: skip
+def _crowd(
+    img: np.ndarray, rng: np.random.Generator, w: int, h: int, objs: list[SceneObject]
+) -> tuple[int, np.ndarray] | None:
     """Paint a cluster of 4-7 tiny same-class shapes away from other objects; return its union."""
     label = int(rng.integers(len(SHAPES)))
     for _try in range(20):
@@ -626,10 +552,21 @@ def make_toy_coco(
     w, h = _size(size)
     cats = _coco_categories(categories)
     d = root / "coco"
-    _prepare_dir(d, "coco", dict(num_train=num_train, num_val=num_val, size=[w, h], seed=seed, categories=categories))  # fmt: skip
+    params = dict(
+        num_train=num_train, num_val=num_val, size=[w, h], seed=seed, categories=categories
+    )
+    prepare_output_dir(d, "coco", params)
     for si, (split, num) in enumerate((("train", num_train), ("val", num_val))):
-        data = _coco_split(d, split, num, (w, h), cats, _rng(seed, 3, si), first_image_id=(si + 1) * 100000)  # fmt: skip
-        _write_bytes(d / "annotations" / f"instances_{split}2017.json", json.dumps(data).encode())
+        first_id = (si + 1) * 100000
+        images, anns = _coco_split(d, split, num, (w, h), _rng(seed, 3, si), first_id)
+        write_coco_json(
+            d / "annotations" / f"instances_{split}2017.json",
+            info=_COCO_INFO,
+            licenses=_COCO_LICENSES,
+            images=images,
+            annotations=anns,
+            categories=cats,
+        )
     return root
 
 
