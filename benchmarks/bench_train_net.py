@@ -69,9 +69,10 @@ def _datasets(root: Path, config: str) -> list[str]:
 
 def time_trainer(cls, config: str, root: Path, out: Path, iters: int, warmup: int) -> dict:
     opts = _datasets(root, config) + [
-        "DATASETS.TEST", "()", "SOLVER.MAX_ITER", str(iters), "SOLVER.CHECKPOINT_PERIOD", "100000",
-        "TEST.PRECISE_BN.ENABLED", "False", "OUTPUT_DIR", str(out), "SEED", "0",
-    ]  # fmt: skip
+        *("DATASETS.TEST", "()", "SOLVER.MAX_ITER", str(iters)),
+        *("SOLVER.CHECKPOINT_PERIOD", "100000", "TEST.PRECISE_BN.ENABLED", "False"),
+        *("OUTPUT_DIR", str(out), "SEED", "0"),
+    ]
     cfg = setup_cfg(str(CONFIGS / config), opts, world_size=1)
     prepare_datasets(cfg)
     trainer = cls(cfg)

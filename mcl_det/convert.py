@@ -34,7 +34,7 @@ from .pretrain.checkpoint import is_cohort_checkpoint, member_indices, member_st
 from .utils.errors import MCLDetError
 from .utils.io import atomic_write_bytes, atomic_write_text, load_torch
 from .weights_settings import (
-    check_weights_against_config,  # noqa: F401  (train_net's import)
+    WEIGHTS_AUTHOR,
     d2_settings,
     settings_yaml,
     yaml_path_for,
@@ -483,7 +483,7 @@ def convert_checkpoint(
     logger.info("%d tensors mapped, %d dropped", len(mapping), len(dropped))
     model = {k: v.detach().cpu().numpy().copy() for k, v in d2_state.items()}
     blob = pickle.dumps(
-        {"model": model, "__author__": "mcl_det", "matching_heuristics": True},
+        {"model": model, "__author__": WEIGHTS_AUTHOR, "matching_heuristics": True},
         protocol=pickle.HIGHEST_PROTOCOL,
     )
     diffs: dict[str, float] = {}

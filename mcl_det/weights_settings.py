@@ -44,6 +44,9 @@ def d2_settings(depth: int) -> CfgNode:
     )
 
 
+WEIGHTS_AUTHOR = "mcl_det"  # the "__author__" of the converter's .pkl files
+
+
 def yaml_path_for(weights_path: str | os.PathLike) -> Path:
     """``x/member0.pkl`` -> ``x/member0.yaml``."""
     return Path(weights_path).with_suffix(".yaml")
@@ -89,25 +92,31 @@ def _fmt(v: Any) -> str:
     return "[" + ",".join(_fmt(x) for x in v) + "]" if isinstance(v, (list, tuple)) else str(v)
 
 
-def check_weights_against_config(cfg: Any, weights_path: str | os.PathLike) -> None:
+def check_weights_against_config(
+    cfg: Any, weights_path: str | os.PathLike, author: str | None = None
+) -> None:
     """Refuse a detectron2 ``cfg`` that does not match the settings saved beside ``weights_path``.
 
     A mismatch is an ``MCLDetError`` naming each key, both values and the override that fixes it.
-    Weights without our YAML (detectron2 model zoo, URLs) are accepted unchecked; a local .pkl
-    without one gets a warning, since converted weights whose YAML went missing cannot be checked.
+    Weights without our YAML (detectron2 model zoo, URLs) are accepted unchecked. Converted weights
+    whose YAML went missing cannot be checked: one warning says so. ``author`` is the ``.pkl``'s
+    ``__author__`` when the caller has read it (then only ours warn), else any local .pkl does.
     """
     wp = str(weights_path or "")
     if not wp or "://" in wp:
         return  # no weights, or model-zoo / remote weights: nothing of ours to check against
     ypath = yaml_path_for(wp)
     if not ypath.is_file():
-        if wp.endswith(".pkl"):
+        ours = author == WEIGHTS_AUTHOR if author is not None else wp.endswith(".pkl")
+        if ours:
             logger.warning(
-                "no settings file %s beside %s: if tools/convert_to_d2.py wrote these weights, "
-                "the config is NOT checked against the settings they need (INPUT.FORMAT, "
-                "MODEL.PIXEL_MEAN/STD, MODEL.RESNETS.*); re-run the converter to write it",
-                ypath,
+                "settings of %s could not be checked: its %s (written by tools/convert_to_d2.py "
+                "beside it) is missing, so the config is NOT checked against the settings the "
+                "weights need (INPUT.FORMAT, MODEL.PIXEL_MEAN/STD, MODEL.RESNETS.*) and a "
+                "mismatch trains silently worse; copy the .yaml beside the .pkl or re-run the "
+                "converter",
                 wp,
+                ypath.name,
             )
         return
     text = ypath.read_text(encoding="utf-8")

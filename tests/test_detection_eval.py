@@ -1,4 +1,4 @@
-"""VOC metric: against a direct loop implementation of the devkit, and on hand-computed cases."""
+"""VOC evaluator: against a direct loop implementation of the devkit, and on hand-computed cases."""
 
 from __future__ import annotations
 
@@ -18,8 +18,6 @@ from mcl_det.detection.evaluation import (  # noqa: E402
     IOU_THRESHOLDS,
     VOCEvaluator,
     build_evaluator,
-    voc_ap,
-    voc_eval_class,
 )
 from mcl_det.utils.errors import MCLDetError  # noqa: E402
 
@@ -81,39 +79,6 @@ def _loop_eval(dets, gts, t):
     return _loop_ap07(rec, prec)
 
 
-def test_voc_ap_07_matches_loop():
-    rng = np.random.default_rng(0)
-    for _ in range(20):
-        n = int(rng.integers(1, 30))
-        rec = np.sort(rng.random(n))
-        prec = rng.random(n)
-        assert voc_ap(rec, prec, True) == pytest.approx(_loop_ap07(rec, prec), abs=1e-12)
-
-
-def test_voc_eval_class_matches_devkit_loop():
-    rng = np.random.default_rng(1)
-    for trial in range(15):
-        gts, dets = {}, []
-        for i in range(int(rng.integers(1, 6))):
-            k = int(rng.integers(0, 4))
-            xy = rng.uniform(0, 80, (k, 2))
-            boxes = np.concatenate([xy, xy + rng.uniform(10, 40, (k, 2))], 1)
-            diff = rng.random(k) < 0.2
-            gts[f"im{i}"] = (boxes, diff)
-            for b in boxes:  # jittered copies (TPs, duplicates) and random boxes (FPs)
-                for _ in range(int(rng.integers(0, 3))):
-                    dets.append((f"im{i}", float(rng.random()), b + rng.normal(0, 4, 4)))
-            for _ in range(int(rng.integers(0, 3))):
-                xy = rng.uniform(0, 80, 2)
-                dets.append((f"im{i}", float(rng.random()), np.r_[xy, xy + 20]))
-        got = voc_eval_class(dets, gts, IOU_THRESHOLDS)
-        if sum(int((~d).sum()) for _, d in gts.values()) == 0:
-            assert got is None
-            continue
-        want = [_loop_eval(dets, gts, t) for t in IOU_THRESHOLDS]
-        np.testing.assert_allclose(got, want, atol=1e-12, err_msg=f"trial {trial}")
-
-
 # ---------------------------------------------------------------- evaluator on a tiny VOC folder
 
 
@@ -128,8 +93,9 @@ def _write_voc(root, objects: dict[str, list[tuple[str, list[int], int]]], split
         xml = ["<annotation><size><width>100</width><height>80</height><depth>3</depth></size>"]
         for c, b, d in objs:
             xml.append(
-                f"<object><name>{c}</name><difficult>{d}</difficult><bndbox><xmin>{b[0]}</xmin>"
-                f"<ymin>{b[1]}</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
+                f"<object><name>{c}</name><pose>Unspecified</pose><truncated>0</truncated>"
+                f"<difficult>{d}</difficult><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin>"
+                f"<xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
             )
         xml.append("</annotation>")
         with open(os.path.join(root, "Annotations", img + ".xml"), "w") as f:
@@ -155,8 +121,8 @@ def voc_eval_dataset(tmp_path_factory):
     return cfg
 
 
-def _run(preds: dict[str, list[tuple[str, list[float], float]]]) -> dict:
-    ev = VOCEvaluator("evaltest_voc")
+def _run(preds: dict[str, list[tuple[str, list[float], float]]], name="evaltest_voc") -> dict:
+    ev = VOCEvaluator(name)
     ev.reset()
     for img, ps in preds.items():
         inst = Instances((80, 100))
@@ -202,6 +168,55 @@ def test_voc_detection_on_difficult_box_is_ignored(voc_eval_dataset):
     preds["i2"].append(("a", [1, 60, 20, 79], 0.99))  # hits nothing: FP ranked first
     # a: FP (p 0), TP (rec .5, p .5), TP (rec 1, p 2/3) -> 11 points all 2/3
     assert _run(preds)["AP50-a"] == pytest.approx(100 * 2 / 3)
+
+
+def test_voc_full_precision_keeps_score_order(voc_eval_dataset):
+    # An FP at 0.9001 and a TP at 0.9004 tie at detectron2's 3-decimal text scores (FP first);
+    # at full precision the TP ranks first: TP, FP, TP -> precisions 1, 1/2, 2/3 at recalls
+    # 1/2, 1/2, 1 -> 11-point AP (6 * 1 + 5 * 2/3) / 11. Tied (FP first) it would be 2/3.
+    preds = {
+        "i2": [("a", [1, 50, 30, 79], 0.9001), ("a", [11, 21, 50, 60], 0.5)],
+        "i1": [("a", [1, 1, 40, 40], 0.9004)],
+    }
+    assert _run(preds)["AP50-a"] == pytest.approx(100 * (6 + 5 * 2 / 3) / 11)
+
+
+def test_voc_evaluator_matches_devkit_loop(tmp_path):
+    """Random scenes through the whole evaluator vs ``_loop_eval`` at every IoU threshold."""
+    rng = np.random.default_rng(1)
+    for trial in range(6):
+        gts, dets, objects = {}, [], {}
+        for i in range(int(rng.integers(1, 6))):
+            k = int(rng.integers(0, 4))
+            xy = rng.integers(1, 60, (k, 2))
+            boxes = np.concatenate([xy, xy + rng.integers(10, 40, (k, 2))], 1).astype(float)
+            diff = rng.random(k) < 0.2
+            gts[f"im{i}"] = (boxes, diff)
+            objects[f"im{i}"] = [("a", [int(v) for v in b], int(d)) for b, d in zip(boxes, diff)]
+            cands = [b + rng.normal(0, 4, 4) for b in boxes for _ in range(int(rng.integers(0, 3)))]
+            cands += [np.r_[xy, xy + 20] for xy in rng.uniform(0, 80, (int(rng.integers(0, 3)), 2))]
+            for b in cands:  # the evaluator sees float32 0-based boxes: compare on the same values
+                b32 = (b - [1, 1, 0, 0]).astype(np.float32).astype(np.float64) + [1, 1, 0, 0]
+                dets.append((f"im{i}", float(np.float32(rng.random())), b32))
+        npos = sum(int((~d).sum()) for _, d in gts.values())
+        root = tmp_path / f"t{trial}"
+        _write_voc(str(root), objects)
+        cfg = get_detection_cfg()
+        cfg.MCL_DET.DATASETS.VOC = [[f"evalrand{trial}", str(root), "test"]]
+        cfg.MCL_DET.DATASETS.VOC_CLASSES = ["a", "b"]
+        register_config_datasets(cfg)
+        m = _run(
+            {img: [("a", list(b), s) for im, s, b in dets if im == img] for img in gts},
+            f"evalrand{trial}",
+        )
+        if npos == 0:
+            assert m == {}  # no class with ground truth: nothing to average
+            continue
+        assert "AP50-b" not in m  # class b has no ground truth: left out, not counted as 0
+        want = [100 * _loop_eval(dets, gts, t) for t in IOU_THRESHOLDS]
+        assert m["AP50-a"] == pytest.approx(want[0], abs=1e-10), f"trial {trial}"
+        assert m["AP75"] == pytest.approx(want[5], abs=1e-10), f"trial {trial}"
+        assert m["AP"] == pytest.approx(np.mean(want), abs=1e-10), f"trial {trial}"
 
 
 def test_user_dataset_checks(voc_eval_dataset, tmp_path):

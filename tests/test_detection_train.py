@@ -24,13 +24,12 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "detection_configs"
 FPN = str(CONFIG_DIR / "toy_voc_faster_rcnn_r18_fpn.yaml")
 C4 = str(CONFIG_DIR / "toy_voc_faster_rcnn_r18_c4.yaml")
 # smallest settings that still exercise everything: 2 images of ~96 px per step, 2 steps
-FAST = [
-    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "SOLVER.WARMUP_ITERS", "1",
-    "SOLVER.STEPS", "(1,)", "SOLVER.CHECKPOINT_PERIOD", "1",
-    "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MIN_SIZE_TEST", "96",
-    "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
-    "TEST.PRECISE_BN.NUM_ITER", "2", "SEED", "0",
-]  # fmt: skip
+FAST = """
+    SOLVER.IMS_PER_BATCH 2  SOLVER.MAX_ITER 2  SOLVER.WARMUP_ITERS 1  SOLVER.STEPS (1,)
+    SOLVER.CHECKPOINT_PERIOD 1  INPUT.MIN_SIZE_TRAIN (96,)  INPUT.MIN_SIZE_TEST 96
+    MODEL.RPN.POST_NMS_TOPK_TRAIN 64  MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE 32
+    TEST.PRECISE_BN.NUM_ITER 2  SEED 0
+""".split()
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +48,10 @@ def _voc_opts(toy, train_split="trainval", test_split="test"):
     sets = [["tt_voc_" + train_split, toy["voc"], train_split]]
     if test_split != train_split:
         sets.append(["tt_voc_" + test_split, toy["voc"], test_split])
-    return [
-        "MCL_DET.DATASETS.VOC", repr(sets),
-        "DATASETS.TRAIN", f"('tt_voc_{train_split}',)", "DATASETS.TEST", f"('tt_voc_{test_split}',)",
-    ]  # fmt: skip
+    return ["MCL_DET.DATASETS.VOC", repr(sets)] + [
+        *("DATASETS.TRAIN", f"('tt_voc_{train_split}',)"),
+        *("DATASETS.TEST", f"('tt_voc_{test_split}',)"),
+    ]
 
 
 def _coco_opts(toy):
@@ -61,11 +60,13 @@ def _coco_opts(toy):
         ["tt_coco_train", f"{c}/train2017", f"{c}/annotations/instances_train2017.json"],
         ["tt_coco_val", f"{c}/val2017", f"{c}/annotations/instances_val2017.json"],
     ]
-    return [
-        "MCL_DET.DATASETS.COCO", repr(sets), "MODEL.MASK_ON", "True",
-        "MODEL.ROI_HEADS.NUM_CLASSES", "80",
-        "DATASETS.TRAIN", "('tt_coco_train',)", "DATASETS.TEST", "('tt_coco_val',)",
-    ]  # fmt: skip
+    return (
+        ["MCL_DET.DATASETS.COCO", repr(sets)]
+        + """
+        MODEL.MASK_ON True  MODEL.ROI_HEADS.NUM_CLASSES 80
+        DATASETS.TRAIN ('tt_coco_train',)  DATASETS.TEST ('tt_coco_val',)
+    """.split()
+    )
 
 
 def _load(out) -> dict:

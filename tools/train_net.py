@@ -2,7 +2,10 @@
 """Fine-tune + evaluate a detector with detectron2 (VOC Faster R-CNN, COCO Mask R-CNN).
 
     python tools/train_net.py --config-file detection_configs/voc_faster_rcnn_mcl.yaml \
-        [--num-gpus N] [--resume] [--eval-only] [--trials N] [KEY VALUE ...]
+        [--num-gpus N] [--resume] [--eval-only] [--trials N] [--unsafe-load] [KEY VALUE ...]
+
+--unsafe-load: read MODEL.WEIGHTS even when it needs full unpickling (can run code: only for
+files you trust).
 
 Writes OUTPUT_DIR/{config.yaml, results.json, metrics.json, model_final.pth, events.*}.
 """

@@ -67,6 +67,6 @@ class Res5ROIHeadsAnyDepth(Res5ROIHeads):
 
 @ROI_HEADS_REGISTRY.register()
 class Res5ROIHeadsExtraNorm(Res5ROIHeadsAnyDepth):
-    """MoCo protocol C4 head: res5 (any depth) followed by one extra norm layer (cfg RESNETS.NORM)."""
+    """MoCo protocol C4 head: res5 (any depth), then one extra norm layer (cfg RESNETS.NORM)."""
 
     extra_norm = True

@@ -5,10 +5,14 @@ What we add on top of detectron2's loop (and nothing inside it, so iterations co
   automatically without CUDA, ``SOLVER.REFERENCE_WORLD_SIZE`` scaling applied *before* the config
   is saved, so ``OUTPUT_DIR/config.yaml`` is what really ran;
 - models: SyncBN layers become plain BN when there is a single process (nothing to sync with);
-- data: user VOC / COCO datasets registered from the config, every path checked up front;
+- data: user VOC / COCO datasets registered from the config, every path, split id and annotation
+  checked up front, so bad data is one error line before any model is built;
+- checkpoints written atomically and weights read without running code (``SafeCheckpointer``);
 - evaluation chosen from the dataset (VOC 2007 11-point with per-class AP50, or COCO);
 - ``OUTPUT_DIR/results.json`` (docs/DESIGN.md), written atomically at the end;
-- trials: N seeds of one config into ``OUTPUT_DIR/seed{K}``.
+- trials: N seeds of one config into ``OUTPUT_DIR/seed{K}``, each with its config.yaml and seed;
+- user errors raised inside detectron2's loop (divergence, a full disk) stay one line: the loop's
+  own traceback log of them is dropped.
 """
 
 from __future__ import annotations
@@ -22,16 +26,18 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
-from detectron2.engine import DefaultTrainer, default_argument_parser, launch
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 from torch import nn
 
 from ..config import merge_cfg, save_cfg
 from ..utils.errors import MCLDetError
 from ..utils.io import atomic_write_json, sha256_file
+from ..weights_settings import check_weights_against_config
+from .checkpoint import UNSAFE_LOAD_FLAG, SafeCheckpointer, read_weights
 from .config import config_digest, get_detection_cfg
 from .datasets import dataset_task, prepare_datasets
 from .evaluation import build_evaluator
@@ -95,9 +101,12 @@ def syncbn_to_bn(module: nn.Module) -> nn.Module:
     """
     if isinstance(module, nn.SyncBatchNorm):
         bn = nn.BatchNorm2d(
-            module.num_features, module.eps, module.momentum, module.affine,
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
             module.track_running_stats,
-        )  # fmt: skip
+        )
         bn.load_state_dict(module.state_dict())
         return bn.to(next(iter(module.state_dict().values())).device)
     for name, child in module.named_children():
@@ -107,11 +116,40 @@ def syncbn_to_bn(module: nn.Module) -> nn.Module:
     return module
 
 
-class Trainer(DefaultTrainer):
-    """detectron2's DefaultTrainer (same loop, hooks, writers, checkpointer, AMP switch).
+def _no_user_error_traceback(record: logging.LogRecord) -> bool:
+    """Logging filter: detectron2's loop logs any exception leaving it with its traceback; a user
+    error (divergence, a full disk) is reported as one line by the caller instead."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return not isinstance(exc, MCLDetError | FloatingPointError)
 
-    Only the builders differ: SyncBN fallback on one process and our evaluators.
+
+class Trainer(DefaultTrainer):
+    """detectron2's DefaultTrainer (same loop, hooks, writers, AMP switch).
+
+    Differs in the builders (SyncBN fallback on one process, our evaluators), the checkpointer
+    (``SafeCheckpointer``) and in keeping user errors out of the loop's traceback log.
     """
+
+    def __init__(self, cfg: CfgNode, unsafe_load: bool = False):
+        self.unsafe_load = unsafe_load  # read by build_hooks, which DefaultTrainer calls in here
+        super().__init__(cfg)
+
+    def build_hooks(self) -> list:
+        # DefaultTrainer builds its checkpointer just before this call and hands it to the
+        # PeriodicCheckpointer hook built here: swapping it now makes every save and load ours.
+        old = self.checkpointer
+        self.checkpointer = SafeCheckpointer(
+            old.model, old.save_dir, unsafe_load=self.unsafe_load, **old.checkpointables
+        )
+        return super().build_hooks()
+
+    def train(self):
+        loop_logger = logging.getLogger("detectron2.engine.train_loop")
+        loop_logger.addFilter(_no_user_error_traceback)
+        try:
+            return super().train()
+        finally:
+            loop_logger.removeFilter(_no_user_error_traceback)
 
     @classmethod
     def build_model(cls, cfg: CfgNode) -> nn.Module:
@@ -129,12 +167,13 @@ class Trainer(DefaultTrainer):
 # ----------------------------------------------------------------------------- weights
 
 
-def check_weights(cfg: CfgNode) -> tuple[str, str | None]:
-    """(path, sha256) of MODEL.WEIGHTS; a missing local file is a user error.
+def check_weights(cfg: CfgNode, unsafe_load: bool = False) -> tuple[str, str | None]:
+    """(path, sha256) of MODEL.WEIGHTS; a missing, unreadable or unsafe local file is a user error.
 
-    Weights from ``tools/convert_to_d2.py`` come with a companion YAML of the settings they need;
-    a config that disagrees (pixel mean, STRIDE_IN_1X1, depth, ...) would silently ruin transfer,
-    so it is checked here.
+    The file is read once here (as the checkpointer will read it) so that a bad file is reported
+    before any model or data loader is built. Weights from ``tools/convert_to_d2.py`` come with a
+    companion YAML of the settings they need; a config that disagrees (pixel mean, STRIDE_IN_1X1,
+    depth, ...) would silently ruin transfer, so it is checked here, and a missing YAML is said.
     """
     w = cfg.MODEL.WEIGHTS
     if not w:
@@ -146,12 +185,11 @@ def check_weights(cfg: CfgNode) -> tuple[str, str | None]:
             f"MODEL.WEIGHTS not found: {w}; run tools/convert_to_d2.py first or fix the path "
             '(MODEL.WEIGHTS "" trains from random init)'
         )
-    try:
-        from ..convert import check_weights_against_config
-    except ImportError:  # TODO(lead): mcl_det.convert is another helper's; drop once merged
-        logger.warning("mcl_det.convert not importable: %s not checked against the config", w)
-    else:
-        check_weights_against_config(cfg, w)  # no-op unless our companion YAML sits beside w
+    ckpt = read_weights(w, unsafe_load)
+    author = ckpt.get("__author__")
+    del ckpt
+    # no-op unless our companion YAML sits beside w; one warning when ours has lost its YAML
+    check_weights_against_config(cfg, w, author)
     return os.path.abspath(w), sha256_file(w)
 
 
@@ -193,7 +231,9 @@ def build_results(
         "task": dataset_task(tests[0]) if tests else dataset_task(cfg.DATASETS.TRAIN[0]),
         "dataset_train": list(cfg.DATASETS.TRAIN),
         "dataset_test": tests,
-        "detector": f"{r.META_ARCHITECTURE}/{r.ROI_HEADS.NAME}/{r.BACKBONE.NAME}/R{r.RESNETS.DEPTH}",
+        "detector": "/".join(
+            [r.META_ARCHITECTURE, r.ROI_HEADS.NAME, r.BACKBONE.NAME, f"R{r.RESNETS.DEPTH}"]
+        ),
         "mask_on": bool(r.MASK_ON),
         "weights": weights,
         "weights_sha256": weights_sha256,
@@ -217,27 +257,30 @@ def build_results(
 # ----------------------------------------------------------------------------- one run
 
 
-def run_one(cfg: CfgNode, resume: bool = False, eval_only: bool = False) -> dict:
-    """Train (unless eval_only) and evaluate one config; write results.json; return it."""
+def run_one(
+    cfg: CfgNode, resume: bool = False, eval_only: bool = False, unsafe_load: bool = False
+) -> dict:
+    """Train (unless eval_only) and evaluate one config; write results.json; return it.
+
+    Each trial has its own OUTPUT_DIR, so its resolved config is saved there and the RNGs are
+    seeded with its seed here (detectron2's ``default_setup`` did both once, for the base config).
+    """
     t0 = time.perf_counter()
-    weights, sha = check_weights(cfg)
+    weights, sha = check_weights(cfg, unsafe_load)
     prepare_datasets(cfg)
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     if comm.is_main_process():
         save_cfg(cfg, os.path.join(cfg.OUTPUT_DIR, "config.yaml"))
-    from detectron2.utils.env import seed_all_rng
-
     seed_all_rng(cfg.SEED + comm.get_rank())
     run_name = cfg.MCL_DET.RUN_NAME or os.path.basename(os.path.normpath(cfg.OUTPUT_DIR))
     if eval_only:
         model = Trainer.build_model(cfg)
-        ckpt = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=resume
-        )
+        checkpointer = SafeCheckpointer(model, cfg.OUTPUT_DIR, unsafe_load=unsafe_load)
+        ckpt = checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
         iteration = int(ckpt.get("iteration", -1)) + 1 if isinstance(ckpt, dict) else 0
         metrics = Trainer.test(cfg, model)
     else:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, unsafe_load)
         trainer.resume_or_load(resume=resume)
         if trainer.start_iter >= trainer.max_iter:
             logger.info("checkpoint already at iteration %d: evaluating only", trainer.start_iter)
@@ -306,22 +349,29 @@ def build_parser() -> argparse.ArgumentParser:
         "IMS_PER_BATCH is the total batch over all GPUs."
     )
     p.add_argument(
-        "--trials", type=int, default=0,
+        "--trials",
+        type=int,
+        default=0,
         help="run N seeds (0..N-1) of this config into OUTPUT_DIR/seed{K} (or set MCL_DET.SEEDS)",
-    )  # fmt: skip
+    )
+    p.add_argument(
+        UNSAFE_LOAD_FLAG,
+        action="store_true",
+        help="load MODEL.WEIGHTS / checkpoints that need more than arrays and plain containers "
+        "(full unpickling can run code: only for files you trust)",
+    )
     return p
 
 
 def worker(args: argparse.Namespace) -> list[dict]:
     """Per-process body (called by detectron2's ``launch``): all trials, one after another."""
     cfg = setup_cfg(args.config_file, args.opts, cpu=args.num_gpus == 0)
-    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    rank = comm.get_rank()
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank, name="fvcore")
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank, name="detectron2")
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank, name="mcl_det")
-    logger.info("command line: %s", vars(args))
-    return [run_one(c, args.resume, args.eval_only) for c in trial_cfgs(cfg, args.trials)]
+    default_setup(cfg, args)  # fvcore/detectron2 loggers, environment, config.yaml, seeding
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="mcl_det")
+    return [
+        run_one(c, args.resume, args.eval_only, args.unsafe_load)
+        for c in trial_cfgs(cfg, args.trials)
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -338,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     world = max(args.num_gpus, 1) * args.num_machines
     cfg = setup_cfg(args.config_file, args.opts, world_size=world, cpu=args.num_gpus == 0)
     prepare_datasets(cfg)
-    check_weights(cfg)
+    check_weights(cfg, args.unsafe_load)
     launch(
         worker,
         args.num_gpus if n_cuda else 1,

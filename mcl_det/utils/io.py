@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -145,3 +146,45 @@ def load_torch(
             f"cannot read checkpoint {path} ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
             "; the file is corrupt or not a torch checkpoint"
         ) from None
+
+
+# Globals a weights pickle may name: numpy arrays, dtypes and scalars (numpy 1.x and 2.x module
+# paths; protocol 5 rebuilds arrays with _frombuffer, protocol 2 encodes bytes with
+# _codecs.encode) and plain containers. Everything else could be a callable run while unpickling.
+SAFE_PICKLE_GLOBALS = frozenset(
+    [
+        (m, n)
+        for m in ("numpy.core.multiarray", "numpy._core.multiarray")
+        for n in ("_reconstruct", "scalar")
+    ]
+    + [(m, "_frombuffer") for m in ("numpy.core.numeric", "numpy._core.numeric")]
+    + [("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")]
+    + [("collections", "OrderedDict")]
+    + [(m, n) for m in ("builtins", "__builtin__") for n in ("set", "frozenset", "complex")]
+)
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A pickle names a global outside ``SAFE_PICKLE_GLOBALS``; ``.name`` is ``module.name``."""
+
+    def __init__(self, name: str):
+        super().__init__(f"refusing to load global {name}")
+        self.name = name
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in SAFE_PICKLE_GLOBALS:
+            raise UnsafePickleError(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def restricted_pickle_load(path: str | os.PathLike, encoding: str = "latin1") -> Any:
+    """Unpickle ``path`` allowing only numpy arrays / scalars and plain containers.
+
+    Weights pickles (detectron2 model zoo, Caffe2, our converter) need nothing more; any other
+    global raises ``UnsafePickleError`` before it is called, so a crafted file cannot run code.
+    ``latin1`` reads Python 2 pickles of numpy arrays, as detectron2 does.
+    """
+    with open(path, "rb") as f:
+        return _RestrictedUnpickler(f, encoding=encoding).load()
