@@ -79,7 +79,7 @@ def check_output_path(path: str | os.PathLike, kind: str = "file", what: str | N
     existing = _nearest_existing(target_dir.absolute())
     if not existing.is_dir():
         what_it_is = "a regular file" if existing.is_file() else "not a folder"
-        where = "it" if existing == target_dir.absolute() else str(existing)
+        where = "it" if existing == p.absolute() else str(existing)
         raise MCLDetError(f"cannot write {label}: {where} is {what_it_is}; choose another path")
     reason = _probe_writable(existing)
     if reason:
