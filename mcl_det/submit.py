@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tools/submit.py",
         description="Submit pretraining or detection to SLURM (submitit): requeued on preemption "
         "or time limit, resumed from the last checkpoint (--auto-resume).",
-        epilog="Everything after the stage's arguments separator '--' goes to the stage, e.g. "
+        usage="%(prog)s {detect,pretrain} [options] -- STAGE ARGUMENTS",
+        epilog="Everything after '--' goes to the stage, e.g. "
         "tools/submit.py detect --nodes 1 --gpus-per-node 8 -- --config-file "
         "detection_configs/voc_faster_rcnn_mcl.yaml OUTPUT_DIR output/voc_mcl",
     )
@@ -159,8 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="local: run here under submitit's local executor (tests, dry runs)",
     )
     p.add_argument("--wait", action="store_true", help="wait for the job and print its result")
-    p.add_argument("stage_args", nargs=argparse.REMAINDER, help="-- then the stage's arguments")
     return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Our options before ``--``, the stage's arguments after it (``stage_args``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    a = build_parser().parse_args(argv[:cut])
+    a.stage_args = argv[cut + 1 :]
+    return a
 
 
 def build_executor(a: argparse.Namespace):
@@ -204,8 +213,6 @@ def build_executor(a: argparse.Namespace):
 def stage_job(a: argparse.Namespace) -> StageJob:
     """The job for the parsed options (stage arguments after ``--``)."""
     rest = list(a.stage_args)
-    if rest[:1] == ["--"]:
-        rest = rest[1:]
     if not rest:
         raise MCLDetError("no stage arguments; add -- --config-file FILE [KEY VALUE ...]")
     if "--resume" in rest or "--overwrite" in rest:
@@ -220,7 +227,7 @@ def stage_job(a: argparse.Namespace) -> StageJob:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``tools/submit.py``: submit one stage; print the job id (and the result with --wait)."""
-    a = build_parser().parse_args(argv)
+    a = parse_args(argv)
     try:
         import submitit  # noqa: F401
     except ImportError:

@@ -106,7 +106,10 @@ def test_refuse_overwrite_resume_auto(tmp_path):
 def test_stale_tmp_removed_others_kept(tmp_path):
     out = tmp_path / "run"
     (out / "seed0").mkdir(parents=True)
-    stale = [out / ".checkpoint_last.pth.k3j_9x2a.tmp", out / "seed0" / ".results.json.abcdefgh.tmp"]
+    stale = [
+        out / ".checkpoint_last.pth.k3j_9x2a.tmp",
+        out / "seed0" / ".results.json.abcdefgh.tmp",
+    ]
     kept = [out / "notes.tmp", out / ".x.tmp", out / ".model.pth.TOOLONG12.tmp"]
     for f in stale + kept:
         f.write_bytes(b"x")
