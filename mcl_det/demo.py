@@ -96,7 +96,7 @@ def run_demo(s: DemoSettings) -> Path:
                 continue
             _run(
                 f"fine-tune Faster R-CNN on toy VOC from {tag} member 0 (seed {seed})",
-                [py, "tools/train_net.py", "--config-file"]
+                [py, "tools/train_net.py", "--auto-resume", "--config-file"]
                 + ["detection_configs/toy_voc_faster_rcnn_r18_fpn.yaml"]
                 + ["MODEL.WEIGHTS", str(w), "MCL_DET.WEIGHTS_TAG", tag]
                 + ["SEED", str(seed), "SOLVER.MAX_ITER", str(s.det_iters)]

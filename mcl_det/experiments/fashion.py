@@ -175,7 +175,7 @@ def _det_cmd(s: FashionSettings, run: str, seed: int, weights: Path, out: Path) 
     datasets = repr([["fashion_scenes_voc_trainval", voc, "trainval"], ["fashion_scenes_voc_test", voc, "test"]])  # fmt: skip
     steps = f"({max(1, int(0.8 * s.det_iters))},)"
     return (
-        [sys.executable, "tools/train_net.py", "--config-file", DET_CONFIG]
+        [sys.executable, "tools/train_net.py", "--auto-resume", "--config-file", DET_CONFIG]
         + ["MODEL.WEIGHTS", str(weights), "MCL_DET.WEIGHTS_TAG", run, "SEED", str(seed)]
         + ["MCL_DET.RUN_NAME", f"fashion_{run}_seed{seed}"]
         + ["MCL_DET.DATASETS.VOC", datasets, "SOLVER.MAX_ITER", str(s.det_iters)]
