@@ -18,6 +18,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -108,12 +109,22 @@ class StageJob:
         import submitit
 
         proc = self._proc
-        if proc is not None and proc.poll() is None:
+        if proc is not None and proc.returncode is None:
             print(f"stopping {self.stage} (pid {proc.pid}) for requeue", flush=True)
             proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=self.grace_s)
-            except subprocess.TimeoutExpired:
+            # We run inside a signal handler that interrupted proc.wait() in __call__, which holds
+            # Popen's wait lock: reap the child here with waitpid instead of a second wait().
+            deadline = time.monotonic() + self.grace_s
+            while time.monotonic() < deadline:
+                try:
+                    pid, status = os.waitpid(proc.pid, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid:
+                    print(f"{self.stage} exited ({os.waitstatus_to_exitcode(status)})", flush=True)
+                    break
+                time.sleep(0.2)
+            else:
                 print(f"{self.stage} still running after {self.grace_s:.0f} s", flush=True)
         return submitit.helpers.DelayedSubmission(self)
 
