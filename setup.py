@@ -31,6 +31,7 @@ setup(
         "omegaconf>=2.1",
         "hydra-core>=1.1",
         "PyYAML",
+        "submitit>=1.5",
     ],
     extras_require={"dev": ["pytest", "ruff"]},
 )

@@ -25,14 +25,13 @@ from mcl_det.pretrain.checkpoint import (
     load_checkpoint,
     member_indices,
     member_state,
-    rng_state,
     save_checkpoint,
-    set_rng_state,
 )
 from mcl_det.pretrain.config import get_pretrain_cfg
 from mcl_det.pretrain.models import build_resnet
 from mcl_det.utils.errors import MCLDetError
 from mcl_det.utils.io import load_torch
+from mcl_det.utils.rng import rng_state, set_rng_state
 
 ROOT = Path(__file__).resolve().parents[1]
 CONVERT = ROOT / "tools" / "convert_to_d2.py"

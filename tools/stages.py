@@ -56,7 +56,7 @@ def detect_cmd(
 ) -> list[str]:
     """Detection fine-tuning + evaluation from ``weights``, grouped in reports by ``tag``."""
     return (
-        [sys.executable, "tools/train_net.py", "--config-file", config]
+        [sys.executable, "tools/train_net.py", "--auto-resume", "--config-file", config]
         + ["MODEL.WEIGHTS", str(weights), "MCL_DET.WEIGHTS_TAG", tag, "SEED", str(seed)]
         + ["OUTPUT_DIR", str(out), *opts]
     )

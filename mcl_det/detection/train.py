@@ -18,24 +18,38 @@ What we add on top of detectron2's loop (and nothing inside it, so iterations co
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import math
+import multiprocessing
 import os
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+import yaml
 from detectron2.config import CfgNode
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.engine import (
+    DefaultTrainer,
+    HookBase,
+    default_argument_parser,
+    default_setup,
+    launch,
+)
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 from torch import nn
 
 from ..config import merge_cfg, save_cfg
+from ..utils import preempt
 from ..utils.errors import MCLDetError
 from ..utils.io import atomic_write_json, sha256_file
+from ..utils.rng import rng_state, set_rng_state
+from ..utils.rundir import check_output_path, open_run_dir
 from ..weights_settings import check_weights_against_config
 from .checkpoint import UNSAFE_LOAD_FLAG, SafeCheckpointer, read_weights
 from .config import config_digest, get_detection_cfg
@@ -258,12 +272,19 @@ def build_results(
 
 
 def run_one(
-    cfg: CfgNode, resume: bool = False, eval_only: bool = False, unsafe_load: bool = False
+    cfg: CfgNode,
+    resume: bool = False,
+    eval_only: bool = False,
+    exact_resume: bool = False,
+    unsafe_load: bool = False,
 ) -> dict:
     """Train (unless eval_only) and evaluate one config; write results.json; return it.
 
     Each trial has its own OUTPUT_DIR, so its resolved config is saved there and the RNGs are
     seeded with its seed here (detectron2's ``default_setup`` did both once, for the base config).
+    ``exact_resume``: a resumed run replays the data loader to the checkpoint's position so that
+    it continues bit-exactly (on CPU) where the interrupted run stopped; costs the data loading
+    of the skipped iterations.
     """
     t0 = time.perf_counter()
     weights, sha = check_weights(cfg, unsafe_load)
@@ -281,6 +302,7 @@ def run_one(
         metrics = Trainer.test(cfg, model)
     else:
         trainer = Trainer(cfg, unsafe_load)
+        trainer.register_hooks([ResumeStateHook(replay_data=exact_resume), StopRequestHook()])
         trainer.resume_or_load(resume=resume)
         if trainer.start_iter >= trainer.max_iter:
             logger.info("checkpoint already at iteration %d: evaluating only", trainer.start_iter)
@@ -339,14 +361,114 @@ def trial_cfgs(cfg: CfgNode, trials: int = 0) -> list[CfgNode]:
     return out
 
 
+# ----------------------------------------------------------------------------- stop and resume
+
+
+class ResumeStateHook(HookBase):
+    """Puts what detectron2 0.6 leaves out of its checkpoints into them: the optimizer state
+    (momentum buffers, current learning rate; without it the first resumed step runs with the
+    warmup-start rate and no momentum), the AMP grad scaler and the RNG states.
+
+    With ``replay_data`` the resumed run first pulls the batches the interrupted run had consumed
+    (data loading only, no model step), so it sees the same batches in the same order and
+    continues bit-exactly on CPU. Exact only with checkpoints taken outside evaluation (an
+    evaluation between the checkpoint and the stop consumes random numbers the resume cannot
+    know about).
+    """
+
+    def __init__(self, replay_data: bool = False) -> None:
+        self.replay_data = replay_data
+        self._rng: dict | None = None
+
+    def state_dict(self) -> dict:
+        state = {"rng": rng_state(), "optimizer": self.trainer.optimizer.state_dict()}
+        scaler = getattr(self.trainer._trainer, "grad_scaler", None)  # AMPTrainer only
+        if scaler is not None:
+            state["grad_scaler"] = scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trainer.optimizer.load_state_dict(state["optimizer"])
+        if "grad_scaler" in state:
+            self.trainer._trainer.grad_scaler.load_state_dict(state["grad_scaler"])
+        self._rng = state["rng"]  # applied in before_train, after the data loader is positioned
+
+    def before_train(self) -> None:
+        if self._rng is None or self.trainer.start_iter == 0:
+            return
+        if self.replay_data:
+            # detectron2 keeps the train loader's iterator on its inner SimpleTrainer/AMPTrainer
+            it = self.trainer._trainer._data_loader_iter
+            for _ in range(self.trainer.start_iter):
+                next(it)
+            logger.info("replayed %d batches of the data loader", self.trainer.start_iter)
+        set_rng_state(self._rng)
+        self._rng = None
+
+
+class StopRequestHook(HookBase):
+    """SIGTERM/SIGUSR1 during training (``mcl_det.utils.preempt``): finish the iteration, write
+    a checkpoint (detectron2's checkpointer: resumable by ``--resume``/``--auto-resume``), stop.
+
+    A stop requested at the last iteration lets the run finish: its final checkpoint is written
+    by then and only the evaluation is left.
+    """
+
+    def __init__(self) -> None:
+        self._flag = preempt.current()
+        self._stack = contextlib.ExitStack()
+
+    def before_train(self) -> None:
+        if self._flag is not None:
+            self._stack.enter_context(self._flag.deferred())
+
+    def after_step(self) -> None:
+        if self._flag is None:
+            return
+        it, last = self.trainer.iter, self.trainer.iter + 1 >= self.trainer.max_iter
+        stop = self._flag.requested(sync=True)
+        if last:
+            self._stack.close()  # back to "a signal stops at once" for the evaluation
+            return
+        if not stop:
+            return
+        name = f"model_{it:07d}"
+        period = self.trainer.cfg.SOLVER.CHECKPOINT_PERIOD
+        if not (period > 0 and (it + 1) % period == 0):  # else PeriodicCheckpointer just wrote it
+            self.trainer.checkpointer.save(name, iteration=it)
+        path = os.path.join(self.trainer.cfg.OUTPUT_DIR, name + ".pth")
+        raise self._flag.preempted(f"checkpoint {path} written after iteration {it}")
+
+    def after_train(self) -> None:
+        self._stack.close()
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
+# Everything train_net writes into an OUTPUT_DIR (and into OUTPUT_DIR/seed{K} with --trials): its
+# presence means the folder holds a run; --overwrite deletes exactly these.
+_OUTPUTS = (
+    "results.json",
+    "metrics.json",
+    "last_checkpoint",
+    "model_*.pth",
+    "events.out.tfevents.*",
+    "config.yaml",
+    "log.txt*",
+    "inference",
+)
+RUN_OUTPUTS = _OUTPUTS + tuple(f"seed*/{x}" for x in _OUTPUTS)
+RUN_CHECKPOINTS = ("last_checkpoint", "seed*/last_checkpoint")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """detectron2's parser (--config-file, --num-gpus, --resume, --eval-only, ...) + --trials."""
+    """detectron2's parser (--config-file, --num-gpus, --resume, --eval-only, ...) + --trials,
+    --overwrite, --auto-resume, --exact-resume."""
     p = default_argument_parser(
         epilog="Trailing KEY VALUE pairs override the config, e.g. SOLVER.MAX_ITER 200. "
-        "IMS_PER_BATCH is the total batch over all GPUs."
+        "IMS_PER_BATCH is the total batch over all GPUs. SIGTERM/SIGUSR1 stop after the current "
+        "iteration with a checkpoint and exit code 75 (requeue); --auto-resume continues."
     )
     p.add_argument(
         "--trials",
@@ -360,7 +482,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="load MODEL.WEIGHTS / checkpoints that need more than arrays and plain containers "
         "(full unpickling can run code: only for files you trust)",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="OUTPUT_DIR holds an earlier run: delete its outputs and start afresh",
+    )
+    p.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="resume if OUTPUT_DIR holds this run's checkpoint, else start (requeued jobs)",
+    )
+    p.add_argument(
+        "--exact-resume",
+        action="store_true",
+        help="on resume, replay the data loader to the checkpoint so the run continues "
+        "bit-exactly on CPU (costs the data loading of the done iterations)",
+    )
     return p
+
+
+def _finished(cfg: CfgNode) -> dict | None:
+    """The results.json of a trial that already ran to the end of this schedule, else None."""
+    try:
+        res = json.loads(open(os.path.join(cfg.OUTPUT_DIR, "results.json")).read())
+    except (OSError, ValueError):
+        return None
+    done = res.get("finished") and res.get("iteration", -1) >= cfg.SOLVER.MAX_ITER
+    return res if done and res.get("config_digest") == config_digest(cfg) else None
 
 
 def worker(args: argparse.Namespace) -> list[dict]:
@@ -368,33 +516,128 @@ def worker(args: argparse.Namespace) -> list[dict]:
     cfg = setup_cfg(args.config_file, args.opts, cpu=args.num_gpus == 0)
     default_setup(cfg, args)  # fvcore/detectron2 loggers, environment, config.yaml, seeding
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="mcl_det")
-    return [
-        run_one(c, args.resume, args.eval_only, args.unsafe_load)
-        for c in trial_cfgs(cfg, args.trials)
-    ]
+    out = []
+    try:
+        with preempt.handle_preemption():
+            for c in trial_cfgs(cfg, args.trials):
+                done = _finished(c) if args.resume else None
+                if done is not None:  # a requeued --trials job: keep the trials already done
+                    logger.info("%s already finished: results.json kept", c.OUTPUT_DIR)
+                    out.append(done)
+                    continue
+                out.append(
+                    run_one(c, args.resume, args.eval_only, args.exact_resume, args.unsafe_load)
+                )
+    except preempt.Preempted as e:
+        if comm.get_world_size() == 1:
+            raise
+        if comm.is_main_process():  # a spawned worker: the launcher turns the code into Preempted
+            print(f"preempted: {e}", file=sys.stderr, flush=True)
+        sys.exit(preempt.EXIT_PREEMPTED)
+    return out
+
+
+def _flat(node: Any, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def _same_run(cfgs: list[CfgNode]):
+    """For --auto-resume: None when the folders' saved config.yaml describe the runs about to
+    start (seed and folder aside), else the keys that differ."""
+
+    def check(_path: object) -> str | None:
+        for c in cfgs:
+            saved = os.path.join(c.OUTPUT_DIR, "config.yaml")
+            if not os.path.isfile(saved):
+                continue
+            try:
+                old = _flat(yaml.safe_load(open(saved).read()))
+            except (OSError, yaml.YAMLError):
+                return f"{saved} is unreadable"
+            new = _flat(yaml.safe_load(c.dump()))
+            diff = [
+                f"{k}: {old.get(k)} -> {new.get(k)}"
+                for k in sorted(set(old) | set(new))
+                if old.get(k) != new.get(k) and k not in ("SEED", "OUTPUT_DIR")
+            ]
+            if diff:
+                return ", ".join(diff[:3]) + (f" (+{len(diff) - 3} more)" if len(diff) > 3 else "")
+        return None
+
+    return check
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``tools/train_net.py``: parse, validate the config once here, launch the workers."""
+    """``tools/train_net.py``: parse, validate the config and OUTPUT_DIR once here, launch the
+    workers (the OUTPUT_DIR lock is held by this process until they are done)."""
     args = build_parser().parse_args(argv)
     if args.trials < 0:
         raise MCLDetError("--trials must be >= 0")
+    chosen = [f for f in ("resume", "auto_resume", "overwrite") if getattr(args, f)]
+    if len(chosen) > 1:
+        flags = " and ".join("--" + f.replace("_", "-") for f in chosen)
+        raise MCLDetError(f"{flags} contradict each other; pass one of them")
     n_cuda = torch.cuda.device_count()
     if args.num_gpus > 1 and n_cuda < args.num_gpus:
         raise MCLDetError(
             f"--num-gpus {args.num_gpus} but {n_cuda} CUDA device(s) visible; lower --num-gpus"
         )
-    # Validate config + datasets before spawning anything: errors stay one line in the parent.
+    # Validate config, output folder and datasets before spawning anything: errors stay one line
+    # in the parent, and nothing expensive runs into a folder that cannot be written.
     world = max(args.num_gpus, 1) * args.num_machines
     cfg = setup_cfg(args.config_file, args.opts, world_size=world, cpu=args.num_gpus == 0)
-    prepare_datasets(cfg)
-    check_weights(cfg, args.unsafe_load)
-    launch(
-        worker,
-        args.num_gpus if n_cuda else 1,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    run_dir = None
+    if args.machine_rank == 0:  # the other machines write into the same (shared) folder
+        if args.overwrite:
+            mode = "overwrite"
+        elif args.resume or args.eval_only:
+            mode = "resume"  # --eval-only evaluates into the folder of the run it evaluates
+        else:
+            mode = "auto" if args.auto_resume else "new"
+        run_dir = open_run_dir(
+            cfg.OUTPUT_DIR,
+            mode,
+            RUN_OUTPUTS,
+            checkpoints=RUN_CHECKPOINTS,
+            keep=[cfg.MODEL.WEIGHTS] if "://" not in cfg.MODEL.WEIGHTS else [],
+            run_differs=_same_run(trial_cfgs(cfg, args.trials)),
+        )
+        for f in run_dir.removed_tmp:
+            print(f"removed a stale temporary file: {f}", file=sys.stderr)
+        args.resume = run_dir.resume
+    else:
+        check_output_path(cfg.OUTPUT_DIR, "dir", "OUTPUT_DIR")
+        args.resume = args.resume or args.auto_resume
+    try:
+        prepare_datasets(cfg)
+        check_weights(cfg, args.unsafe_load)
+        nprocs = args.num_gpus if n_cuda else 1
+        forward = (
+            preempt.forward_signals(lambda: [c.pid for c in multiprocessing.active_children()])
+            if nprocs > 1
+            else contextlib.nullcontext()
+        )
+        with forward:
+            launch(
+                worker,
+                nprocs,
+                num_machines=args.num_machines,
+                machine_rank=args.machine_rank,
+                dist_url=args.dist_url,
+                args=(args,),
+            )
+    except torch.multiprocessing.ProcessExitedException as e:
+        if e.exit_code != preempt.EXIT_PREEMPTED:
+            raise
+        raise preempt.Preempted(
+            f"worker processes stopped with a checkpoint in {cfg.OUTPUT_DIR}"
+        ) from None
+    finally:
+        if run_dir is not None:
+            run_dir.release()
     return 0

@@ -14,7 +14,6 @@ checkpoint loads with ``torch.load(weights_only=True)``: reading one never runs 
 from __future__ import annotations
 
 import os
-import random
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -25,6 +24,7 @@ from torch import nn
 
 from ..utils.errors import MCLDetError
 from ..utils.io import atomic_torch_save, load_torch
+from ..utils.rng import rng_state
 
 FORMAT = "mcl_det.pretrain/v1"
 LAST = "checkpoint_last.pth"
@@ -66,44 +66,6 @@ def is_cohort_checkpoint(obj: Any) -> bool:
         isinstance(model, Mapping)
         and any(str(k).removeprefix("module.").startswith("members.") for k in model)
     )
-
-
-def rng_state() -> dict[str, Any]:
-    """RNG states as tensors and plain values (what ``weights_only`` loading accepts)."""
-    version, mt, gauss = random.getstate()
-    _, key, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": {
-            "version": version,
-            "state": torch.tensor(mt, dtype=torch.int64),
-            "gauss": gauss,
-        },
-        "numpy": {
-            "key": torch.from_numpy(key.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore ``rng_state()``; also the raw tuples of checkpoints written before it was plain."""
-    torch.set_rng_state(state["torch"])
-    py, npy = state["python"], state["numpy"]
-    if isinstance(py, Mapping):
-        py = (py["version"], tuple(py["state"].tolist()), py["gauss"])
-    random.setstate(py)
-    if isinstance(npy, Mapping):
-        key = npy["key"].numpy().astype(np.uint32)
-        npy = ("MT19937", key, npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
-    np.random.set_state(npy)
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _plain(obj: Any, where: str) -> Any:

@@ -24,16 +24,10 @@ from torch.utils.data import DataLoader
 from ..config import save_cfg
 from ..utils.errors import MCLDetError
 from ..utils.malloc import keep_freed_memory
+from ..utils.rng import rng_state, set_rng_state
 from . import distributed as du
 from . import losses
-from .checkpoint import (
-    LAST,
-    load_checkpoint,
-    load_model_state,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from .checkpoint import LAST, load_checkpoint, load_model_state, save_checkpoint
 from .config import member_archs, setup_pretrain_cfg
 from .data import (
     EpochBatchSampler,

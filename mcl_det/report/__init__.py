@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from ..utils.errors import MCLDetError
 from ..utils.io import atomic_write_text
+from ..utils.rundir import check_output_path
 from .collect import Collection, collect, group_name
 from .plots import plot_bars, plot_curves
 from .render import FORMATS, Report, render
@@ -81,6 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         fmt = _EXT_FORMAT.get(ext, "md")
     if a.decimals < 0 or a.decimals > 6:
         raise MCLDetError(f"--decimals {a.decimals} is out of range; use 0..6")
+    for flag, path in (("--output", a.output), ("--plot", a.plot), ("--curves", a.curves)):
+        if path is not None:  # before reading any run: a bad path is one line, not a traceback
+            check_output_path(path, "file", flag)
     rep, col = build_report(a.inputs, a.baseline, a.per_class, a.reference, a.decimals)
     text = render(rep, fmt)
     # figures first: a failure there must not leave a fresh table next to a stale figure

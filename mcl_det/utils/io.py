@@ -14,11 +14,39 @@ from typing import Any
 from .errors import MCLDetError
 
 
+def _umask() -> int:
+    """The process umask (read without changing it where /proc allows it; threads may race
+    otherwise)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _interrupted(e: BaseException) -> bool:
+    """True when a Ctrl-C is behind ``e``: torch.save turns an interrupt inside its zip writer
+    into a RuntimeError raised while closing the archive, which must not read as a full disk."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def _atomic(path: str | os.PathLike, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # the temporary name is what remove_stale_tmp (mcl_det.utils.rundir) recognises after a kill -9
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; outputs follow the umask
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -27,6 +55,10 @@ def _atomic(path: str | os.PathLike, write) -> None:
     except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if _interrupted(e):  # Ctrl-C: "interrupted" (exit 130), never a disk error
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            raise KeyboardInterrupt from e
         if isinstance(e, (OSError, RuntimeError)):
             free = shutil.disk_usage(path.parent).free / 2**20
             first = str(e).splitlines()[0] if str(e) else type(e).__name__

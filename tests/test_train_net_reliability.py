@@ -1,0 +1,219 @@
+"""tools/train_net.py and tools/report.py against faults, as a user meets them: an OUTPUT_DIR
+holding another run, a second concurrent run, unwritable output paths, SIGTERM mid-training."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from clitools import run_tool
+
+pytest.importorskip("detectron2")
+
+from mcl_det.data.toy import make_toy_voc  # noqa: E402
+from mcl_det.utils.io import sha256_file  # noqa: E402
+from mcl_det.utils.preempt import EXIT_PREEMPTED  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_NET = ROOT / "tools" / "train_net.py"
+REPORT = ROOT / "tools" / "report.py"
+FPN = str(ROOT / "detection_configs" / "toy_voc_faster_rcnn_r18_fpn.yaml")
+# toy FPN, 2 images of 96 px per step, no periodic checkpoint, no PreciseBN
+FAST = """SOLVER.IMS_PER_BATCH 2 SOLVER.MAX_ITER 6 SOLVER.WARMUP_ITERS 1 SOLVER.STEPS (3,)
+SOLVER.CHECKPOINT_PERIOD 100 INPUT.MIN_SIZE_TRAIN (96,) INPUT.MIN_SIZE_TEST 96
+MODEL.RPN.POST_NMS_TOPK_TRAIN 64 MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE 32
+TEST.PRECISE_BN.ENABLED False SEED 0""".split()
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rel_toy")
+    make_toy_voc(root, years=("2007",), num_train=4, num_test=2, size=(128, 96), seed=0)
+    return root
+
+
+def _env(toy_root):
+    return {"DETECTRON2_DATASETS": str(toy_root), "OMP_NUM_THREADS": "1"}
+
+
+def _train_net(toy_root, tmp_path, *opts, flags=()):
+    args = ["--config-file", FPN, "--num-gpus", "0", *flags, *FAST, *opts]
+    return run_tool(TRAIN_NET, *args, cwd=tmp_path, timeout=600, **_env(toy_root))
+
+
+def _one_error_line(r) -> str:
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    errs = [x for x in r.stderr.splitlines() if x.startswith("error: ")]
+    assert len(errs) == 1, r.stderr[-2000:]
+    return errs[0]
+
+
+def _digests(d: Path) -> dict:
+    """sha256 of every file but the lock file a refused run leaves (empty or its own pid)."""
+    files = [p for p in sorted(d.rglob("*")) if p.is_file() and p.name != ".lock"]
+    return {str(p.relative_to(d)): sha256_file(p) for p in files}
+
+
+def test_existing_run_refused_then_overwrite_conflict(toy_root, tmp_path):
+    out = tmp_path / "run"
+    (out / "seed1").mkdir(parents=True)
+    (out / "seed1" / "results.json").write_text('{"finished": true}')
+    (out / "model_final.pth").write_bytes(b"earlier weights")
+    before = _digests(out)
+    line = _one_error_line(_train_net(toy_root, tmp_path, "OUTPUT_DIR", out))
+    assert "already holds another run's outputs" in line and "model_final.pth" in line
+    assert "--resume" in line and "--overwrite" in line
+    line = _one_error_line(_train_net(toy_root, tmp_path, flags=["--resume", "--overwrite"]))
+    assert "--resume and --overwrite" in line
+    assert _digests(out) == before  # nothing of the earlier run touched
+
+
+@pytest.mark.slow  # the path check itself is unit-tested in test_rundir.py
+def test_output_dir_under_a_file_or_unwritable(toy_root, tmp_path):
+    from test_rundir import unwritable_dir
+
+    (tmp_path / "afile").write_text("x")
+    line = _one_error_line(_train_net(toy_root, tmp_path, "OUTPUT_DIR", tmp_path / "afile" / "o"))
+    assert "OUTPUT_DIR" in line and "afile is a regular file" in line
+    ro = unwritable_dir(tmp_path)
+    line = _one_error_line(_train_net(toy_root, tmp_path, "OUTPUT_DIR", ro / "o"))
+    assert "not writable" in line
+
+
+HOLDER = """
+import sys, time
+sys.path.insert(0, sys.argv[2])
+from mcl_det.utils.rundir import lock_run_dir
+lock_run_dir(sys.argv[1])
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.slow  # the lock itself is unit-tested in test_rundir.py
+def test_second_concurrent_run_names_the_first_pid(toy_root, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(out), str(ROOT)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        line = _one_error_line(_train_net(toy_root, tmp_path, "OUTPUT_DIR", out))
+        assert f"in use by another run (pid {holder.pid} " in line
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_report_output_paths_checked_before_reading_runs(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    r = run_tool(REPORT, tmp_path / "nothing", "--output", tmp_path / "afile" / "t.md")
+    assert "--output" in _one_error_line(r) and "afile is a regular file" in r.stderr
+    r = run_tool(REPORT, tmp_path / "nothing", "--plot", tmp_path)
+    assert "--plot" in _one_error_line(r) and "is a folder" in r.stderr
+
+
+# ----------------------------------------------------------------------------- preemption
+
+
+def _weights(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(toy_root, tmp_path_factory):
+    """model_final.pth of the run the interrupted ones must reproduce."""
+    tmp = tmp_path_factory.mktemp("ref")
+    r = _train_net(toy_root, tmp, "OUTPUT_DIR", tmp / "ref")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return _weights(tmp / "ref" / "model_final.pth")
+
+
+def _same(a: dict, b: dict) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _wait_for_training(out: Path, proc, timeout: float = 300) -> None:
+    t0 = time.monotonic()
+    while "Starting training" not in _read(out / "log.txt"):
+        assert proc.poll() is None, "the run ended before training started"
+        assert time.monotonic() - t0 < timeout
+        time.sleep(0.2)
+    time.sleep(1.0)  # inside the loop: handlers armed
+
+
+def _read(p: Path) -> str:
+    try:
+        return p.read_text()
+    except OSError:
+        return ""
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_exits_75_and_auto_resume_is_exact(toy_root, tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    args = ["--config-file", FPN, "--num-gpus", "0", "--auto-resume", "--exact-resume", *FAST]
+    cmd = [sys.executable, str(TRAIN_NET), *args, "OUTPUT_DIR", str(out)]
+    env = {**os.environ, **_env(toy_root)}
+    env.pop("MCL_DET_DEBUG", None)
+    p = subprocess.Popen(cmd, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    _wait_for_training(out, p)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == EXIT_PREEMPTED, err[-3000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("preempted: stopped by SIGTERM: checkpoint "), last
+    ckpt = Path(last.split("checkpoint ")[1].split(" written")[0])
+    assert ckpt.is_file() and not (out / "model_final.pth").exists()
+    assert (out / "last_checkpoint").read_text().strip() == ckpt.name
+
+    r = run_tool(TRAIN_NET, *args, "OUTPUT_DIR", out, cwd=tmp_path, timeout=600, **_env(toy_root))
+    assert r.returncode == 0, r.stderr[-3000:]
+    k = int(ckpt.stem.split("_")[1])
+    assert f"Starting training from iteration {k + 1}" in r.stdout + r.stderr
+    assert json.loads((out / "results.json").read_text())["iteration"] == 6
+    assert _same(_weights(out / "model_final.pth"), uninterrupted)  # bit-exact on CPU
+
+
+@pytest.mark.slow
+def test_submitit_job_requeued_on_preemption_finishes_with_same_weights(
+    toy_root, tmp_path, uninterrupted, monkeypatch
+):
+    pytest.importorskip("submitit")
+    from mcl_det import submit
+
+    for k, v in _env(toy_root).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the job unpickles this checkout's mcl_det
+    out = tmp_path / "run"
+    ours = f"detect --cluster local --gpus-per-node 0 --time 20 --job-dir {tmp_path / 'jobs'}"
+    stage = ["--config-file", FPN, "--exact-resume", *FAST, "OUTPUT_DIR", str(out)]
+    a = submit.parse_args([*ours.split(), "--", *stage])
+    job = submit.build_executor(a).submit(submit.stage_job(a))
+
+    class _Proc:  # the train_net child of the job, as named by its OUTPUT_DIR lock
+        def poll(self):
+            return None if not job.done() else 1
+
+    _wait_for_training(out, _Proc())
+    train_pid = int((out / ".lock").read_text().split()[1])
+    job_pid = int(Path(f"/proc/{train_pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    os.kill(job_pid, signal.SIGUSR2)  # what SLURM sends before the time limit / on preemption
+    assert job.result() == 0
+    log = job.stdout()
+    assert "attempt 1:" in log and "attempt 2:" in log, log[-3000:]
+    assert "Requeued job" in (job.stderr() or "") + log
+    assert _same(_weights(out / "model_final.pth"), uninterrupted)
