@@ -52,7 +52,11 @@ def main() -> int:
     from mcl_det.utils.errors import MCLDetError
 
     if args.list:
-        print(convert.format_member_table(convert.list_members(args.input, args.unsafe_load)))
+        print(
+            convert.format_member_table(
+                convert.read_checkpoint(args.input, args.unsafe_load).members
+            )
+        )
         return 0
     if not args.output:
         raise MCLDetError("missing OUTPUT (a .pkl path); or use --list to see the members")
