@@ -1,1 +1,1 @@
-"""Small helpers shared by every stage: user-facing errors, CLI wrapping, atomic I/O, config loading."""
+"""Helpers shared by every stage: user-facing errors, CLI wrapping, atomic I/O, config loading."""
