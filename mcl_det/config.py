@@ -7,7 +7,8 @@ every yacs/fvcore failure is turned into one clear ``MCLDetError`` line.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from yacs.config import CfgNode
 
@@ -28,23 +29,26 @@ def merge_cfg(
             raise MCLDetError(
                 f"config file not found: {config_file} (check the --config-file path)"
             )
-        try:
-            cfg.merge_from_file(config_file)
-        except (KeyError, ValueError, AssertionError, TypeError) as e:
-            raise MCLDetError(f"bad config file {config_file}: {_clean(e)}") from None
-        except Exception as e:  # yaml.YAMLError and friends
-            raise MCLDetError(f"cannot parse config file {config_file}: {_clean(e)}") from None
+        _merge(cfg.merge_from_file, config_file, f"config file {config_file}")
     opts = list(opts or [])
+    if len(opts) % 2:
+        raise MCLDetError(
+            f"config overrides must be KEY VALUE pairs, got an odd number: {' '.join(opts)}"
+        )
     if opts:
-        if len(opts) % 2:
-            raise MCLDetError(
-                f"config overrides must be KEY VALUE pairs, got an odd number: {' '.join(opts)}"
-            )
-        try:
-            cfg.merge_from_list(opts)
-        except (KeyError, ValueError, AssertionError, TypeError) as e:
-            raise MCLDetError(f"bad config override: {_clean(e)}") from None
+        _merge(cfg.merge_from_list, opts, "config override")
     return cfg
+
+
+def _merge(merge: Callable[[Any], None], source: Any, what: str) -> None:
+    """Run one yacs merge: a bad key or value becomes one ``bad WHAT`` error, anything else (a
+    YAML syntax error) one ``cannot parse WHAT`` error."""
+    try:
+        merge(source)
+    except (KeyError, ValueError, AssertionError, TypeError) as e:
+        raise MCLDetError(f"bad {what}: {_clean(e)}") from None
+    except Exception as e:  # yaml.YAMLError and friends
+        raise MCLDetError(f"cannot parse {what}: {_clean(e)}") from None
 
 
 def _clean(e: BaseException) -> str:

@@ -1,17 +1,13 @@
 """Export one cohort member (or a baseline ResNet) to detectron2 weights, verified numerically.
 
-Converters that silently load nothing lose weeks: MoCo's keeps only ``module.encoder_q.*`` keys and
-on any other layout writes an empty model, which detectron2 merely *warns* about before training
-from random init. Here every step fails loudly instead: the input format is detected from the
-content (never the file name) and read without running code from it; the member must be a
-complete, standard torchvision ResNet-18/34/50/101/152 (names and shapes checked against a
-shape-only torchvision model); the renaming is explicit, logged key by key and one-to-one; the
-written bytes are loaded by detectron2's own ``DetectionCheckpointer`` (no backbone key may be
-missing) and res2..res5 compared with torchvision's layer1..layer4 in eval mode; the ``.pkl`` and
-its settings ``.yaml`` (``mcl_det.weights_settings``) are written atomically, only after all that.
-
-Limits: ResNeXt / wide ResNets are refused, not converted; verification uses one small random
-image, which catches wrong names, strides and normalisation, not full-resolution numerics.
+A converter that silently loads nothing loses weeks (detectron2 merely *warns* before training from
+random init), so every step here fails loudly: the input format is detected from the content and
+read without running code from it; the member must be a complete torchvision ResNet (names and
+shapes checked against a shape-only model); the renaming is explicit, logged and one-to-one; the
+written bytes are loaded by detectron2's ``DetectionCheckpointer`` and res2..res5 compared with
+torchvision's layer1..layer4; only then are the ``.pkl`` and its settings ``.yaml`` written.
+ResNeXt / wide ResNets are refused; one small random image catches wrong names, strides and
+normalisation, not full-resolution numerics.
 """
 
 from __future__ import annotations
@@ -50,8 +46,9 @@ _BLOCKS = {
     101: (3, 4, 23, 3),
     152: (3, 8, 36, 3),
 }
-SUPPORTED_DEPTHS = tuple(_BLOCKS)
+_RESNETS = "ResNet-" + "/".join(map(str, _BLOCKS))  # "ResNet-18/34/50/101/152", for messages
 VERIFY_RTOL = 1e-4  # limit of max|d2 - tv| / max|tv| per stage
+_BUG = "this is a converter bug, please report it"
 
 _BN = r"(?P<f>weight|bias|running_mean|running_var)"
 _BLOCK = r"layer(?P<s>[1-4])\.(?P<b>\d+)\."
@@ -114,8 +111,10 @@ def _has_resnet(state: Mapping[str, Any], prefix: str = "") -> bool:
     return f"{prefix}conv1.weight" in state and f"{prefix}layer1.0.conv1.weight" in state
 
 
-def _int(v: Any) -> int | None:
-    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+def _num(v: Any, cast: type = int) -> Any:
+    """``cast(v)`` for a finite number recorded in a checkpoint, else ``None``."""
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return cast(v) if ok else None
 
 
 def read_checkpoint(path: str | os.PathLike, unsafe: bool = False) -> SourceCheckpoint:
@@ -123,31 +122,26 @@ def read_checkpoint(path: str | os.PathLike, unsafe: bool = False) -> SourceChec
     ``unsafe`` (``--unsafe-load``) allows full unpickling: only for files you trust."""
     path = str(path)
     obj = load_torch(path, unsafe=unsafe, what="input checkpoint")
-    expected = (
-        "expected an mcl_det pretraining checkpoint, a MoCo checkpoint (state_dict with "
-        "module.encoder_q.*) or a torchvision ResNet state_dict"
-    )
-    if not isinstance(obj, Mapping):
-        raise MCLDetError(
-            f"unrecognised checkpoint format in {path}: it holds a {type(obj).__name__}, not a "
-            f"dict; {expected}"
-        )
     if is_cohort_checkpoint(obj):
         return _read_cohort(path, obj)
-    arch = obj.get("arch") if isinstance(obj.get("arch"), str) else None
-    member = MemberInfo(0, arch, _int(obj.get("epoch")))
-    for kind, cand, prefix in (
-        ("moco", obj.get("state_dict"), "encoder_q."),  # {"state_dict": {"module.encoder_q.*"}}
-        ("torchvision", obj, ""),  # bare, or wrapped in "state_dict" / "model"
-        ("torchvision", obj.get("state_dict"), ""),
-        ("torchvision", obj.get("model"), ""),
-    ):
-        if _is_tensor_dict(cand) and _has_resnet(sd := _strip_module(cand, path), prefix):
-            state = {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
-            return SourceCheckpoint(path, kind, [state], [member])
-    keys = sorted(str(k) for k in obj)[:8]
+    held = f"a {type(obj).__name__}, not a dict"
+    if isinstance(obj, Mapping):
+        arch = obj.get("arch") if isinstance(obj.get("arch"), str) else None
+        member = MemberInfo(0, arch, _num(obj.get("epoch")))
+        for kind, cand, prefix in (
+            ("moco", obj.get("state_dict"), "encoder_q."),  # {"state_dict": {"module.encoder_q.*"}}
+            ("torchvision", obj, ""),  # bare, or wrapped in "state_dict" / "model"
+            ("torchvision", obj.get("state_dict"), ""),
+            ("torchvision", obj.get("model"), ""),
+        ):
+            if _is_tensor_dict(cand) and _has_resnet(sd := _strip_module(cand, path), prefix):
+                state = {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
+                return SourceCheckpoint(path, kind, [state], [member])
+        held = f"top-level keys {sorted(str(k) for k in obj)[:8]}"
     raise MCLDetError(
-        f"unrecognised checkpoint format in {path} (top-level keys {keys}); {expected}"
+        f"unrecognised checkpoint format in {path} ({held}); expected an mcl_det pretraining "
+        "checkpoint, a MoCo checkpoint (state_dict with module.encoder_q.*) or a torchvision "
+        "ResNet state_dict"
     )
 
 
@@ -167,10 +161,8 @@ def _read_cohort(path: str, obj: Mapping[str, Any]) -> SourceCheckpoint:
     members = []
     for k, arch in enumerate(archs):
         m = metrics[k] if k < len(metrics) and isinstance(metrics[k], Mapping) else {}
-        v = m.get("value")
-        v = float(v) if isinstance(v, (int, float)) and math.isfinite(float(v)) else None
-        epoch = _int(obj.get("epoch"))
-        members.append(MemberInfo(k, arch, epoch, m.get("name"), v, _int(m.get("epoch"))))
+        value, epoch = _num(m.get("value"), float), _num(m.get("epoch"))
+        members.append(MemberInfo(k, arch, _num(obj.get("epoch")), m.get("name"), value, epoch))
     mode = obj.get("mode") if obj.get("mode") in ("selfsup", "supervised") else "selfsup"
     states = [member_state(ckpt, k) for k in range(len(archs))]
     return SourceCheckpoint(path, f"mcl_det-{mode}", states, members)
@@ -188,22 +180,12 @@ def select_member(src: SourceCheckpoint, member: int | str) -> MemberInfo:
             )
         # ties -> lowest index
         return max(scored, key=lambda m: (m.metric_value, -m.index)) if scored else src.members[0]
-    try:
-        idx = int(member)
-    except (TypeError, ValueError):
-        msg = f"bad member {member!r}; use an index 0..{n - 1} or 'best' (see --list)"
-        raise MCLDetError(msg) from None
-    if not 0 <= idx < n:
+    if not (str(member).strip().isdigit() and int(member) < n):
         raise MCLDetError(
-            f"member {idx} out of range: {src.path} has {n} member(s); use --member 0..{n - 1} "
-            "(see --list)"
+            f"member {member} out of range: {src.path} has {n} member(s); use --member "
+            f"0..{n - 1} or best (see --list)"
         )
-    return src.members[idx]
-
-
-def list_members(path: str | os.PathLike, unsafe: bool = False) -> list[MemberInfo]:
-    """The convertible networks of a checkpoint, for ``--list``."""
-    return read_checkpoint(path, unsafe=unsafe).members
+    return src.members[int(member)]
 
 
 def _metric_str(info: MemberInfo, fmt: str = ".4g") -> str:
@@ -225,15 +207,17 @@ def format_member_table(members: list[MemberInfo]) -> str:
 # -------------------- torchvision -> detectron2 names
 
 
-def _is_fc(name: str) -> bool:
-    return name == "fc" or name.startswith("fc.")
+def _kept(name: str) -> bool:
+    """Whether detectron2 receives this tensor: not the classifier / projection head (``fc``),
+    not a BN batch counter (FrozenBN keeps none; older torchvision files lack them)."""
+    return not (name == "fc" or name.startswith("fc.") or name.endswith("num_batches_tracked"))
 
 
 def tv_to_d2_name(name: str) -> str | None:
     """detectron2 name of a torchvision ResNet key, ``None`` for keys to drop (classifier, BN
     counters); ``MCLDetError`` for a key that is not part of a torchvision ResNet."""
-    if _is_fc(name) or name.endswith("num_batches_tracked"):
-        return None  # classifier / projection head in fc; FrozenBN keeps no batch counter
+    if not _kept(name):
+        return None
     for pattern, template in _RULES.items():
         if m := re.fullmatch(pattern, name):
             parts = m.groupdict()
@@ -241,8 +225,8 @@ def tv_to_d2_name(name: str) -> str | None:
                 parts["s"] = int(parts["s"]) + 1
             return template.format(**parts)
     raise MCLDetError(
-        f"key '{name}' is not part of a torchvision ResNet; only ResNet-18/34/50/101/152 "
-        "backbones can be converted"
+        f"key '{name}' is not part of a torchvision ResNet; only {_RESNETS} backbones can be "
+        "converted"
     )
 
 
@@ -256,7 +240,6 @@ def rename_to_d2(
     """
     d2_state: dict[str, torch.Tensor] = {}
     mapping: dict[str, str] = {}
-    source_of: dict[str, str] = {}
     dropped: list[str] = []
     for name in sorted(tv_state):
         target = tv_to_d2_name(name)
@@ -264,12 +247,13 @@ def rename_to_d2(
             dropped.append(name)
             logger.info("drop %s", name)
             continue
-        if target in source_of:
+        if target in d2_state:
+            first = next(k for k, t in mapping.items() if t == target)
             raise MCLDetError(
-                f"both '{source_of[target]}' and '{name}' map to '{target}'; the checkpoint has "
-                "duplicate backbone keys, re-save it with one copy"
+                f"both '{first}' and '{name}' map to '{target}'; the checkpoint has duplicate "
+                "backbone keys, re-save it with one copy"
             )
-        source_of[target], mapping[name], d2_state[target] = name, target, tv_state[name]
+        mapping[name], d2_state[target] = target, tv_state[name]
         logger.info("map %s -> %s", name, target)
     return d2_state, mapping, dropped
 
@@ -286,7 +270,7 @@ def infer_depth(tv_state: Mapping[str, torch.Tensor]) -> int:
             return depth
     raise MCLDetError(
         f"not a standard ResNet: {'bottleneck' if bottleneck else 'basic'} blocks per stage "
-        f"{blocks}; only ResNet-18/34/50/101/152 can be converted"
+        f"{blocks}; only {_RESNETS} can be converted"
     )
 
 
@@ -301,25 +285,22 @@ def extract_member(src: SourceCheckpoint, info: MemberInfo) -> tuple[dict[str, t
     """The member's torchvision ResNet state_dict and its depth, checked to be complete: names
     and shapes exactly those of torchvision's resnet{depth} (fc aside), finite float weights."""
     tv_state, i = src.states[info.index], info.index
-    if info.arch is not None and not re.fullmatch(r"resnet(18|34|50|101|152)", info.arch):
+    if info.arch is not None and info.arch not in {f"resnet{d}" for d in _BLOCKS}:
         raise MCLDetError(
-            f"member {i} is a '{info.arch}', not a ResNet-18/34/50/101/152; only those "
-            "can be exported to detectron2"
+            f"member {i} is a '{info.arch}', not a {_RESNETS}; only those can be exported to "
+            "detectron2"
         )
     if not _has_resnet(tv_state):
         raise MCLDetError(f"member {i} of {src.path} has no ResNet weights; damaged checkpoint?")
-    for k in tv_state:  # fail on foreign keys before anything else
-        tv_to_d2_name(k)
     depth = infer_depth(tv_state)
     if info.arch is not None and info.arch != f"resnet{depth}":
         raise MCLDetError(
             f"member {i} is recorded as {info.arch} but its weights are a resnet{depth}; the "
             "checkpoint is inconsistent"
         )
-    ref = {k: v for k, v in _tv_model(depth).state_dict().items() if not _is_fc(k)}
-    ours = {k: v for k, v in tv_state.items() if not _is_fc(k)}
-    # num_batches_tracked is dropped anyway; older torchvision files do not have it.
-    if missing := [k for k in sorted(set(ref) - set(ours)) if "num_batches" not in k]:
+    ref = {k: v for k, v in _tv_model(depth).state_dict().items() if _kept(k)}
+    ours = {k: v for k, v in tv_state.items() if _kept(k)}
+    if missing := sorted(set(ref) - set(ours)):
         raise MCLDetError(
             f"incomplete ResNet-{depth}: {len(missing)} backbone tensor(s) missing, e.g. "
             f"{missing[:3]}; the checkpoint is damaged or was saved from a truncated model"
@@ -335,8 +316,6 @@ def extract_member(src: SourceCheckpoint, info: MemberInfo) -> tuple[dict[str, t
                 f"{k} has shape {tuple(v.shape)}, a ResNet-{depth} has {tuple(ref[k].shape)}; "
                 "ResNeXt / wide ResNets are not supported"
             )
-        if k.endswith("num_batches_tracked"):
-            continue
         if not v.is_floating_point():
             raise MCLDetError(f"{k} is not a floating-point tensor ({v.dtype}); damaged checkpoint")
         # One reduction per tensor is much cheaper than an elementwise isfinite; NaN/Inf always
@@ -387,34 +366,31 @@ def verify_pkl(
     raises ``MCLDetError`` on a missing key or a difference above ``VERIFY_RTOL``."""
     d2 = build_d2_resnet(depth)
     inc = load_with_detectron2(d2, pkl_path)
-    missing = [k for k in inc.missing_keys if not k.endswith("num_batches_tracked")]
-    missing = sorted(missing + [k for k, *_ in inc.incorrect_shapes])
+    missing = sorted(
+        [k for k in inc.missing_keys if _kept(k)] + [k for k, *_ in inc.incorrect_shapes]
+    )
     if missing or inc.unexpected_keys:
         raise MCLDetError(
             f"verification failed: detectron2 did not load {len(missing)} backbone tensor(s) "
             f"{missing[:3]} and found {len(inc.unexpected_keys)} unexpected "
-            f"{list(inc.unexpected_keys)[:3]}; this is a converter bug, please report it"
+            f"{list(inc.unexpected_keys)[:3]}; {_BUG}"
         )
     tv = _tv_model(depth)  # every used tensor is assigned (names checked by extract_member)
-    tv.load_state_dict({k: v for k, v in tv_state.items() if not _is_fc(k)}, False, assign=True)
+    tv.load_state_dict({k: v for k, v in tv_state.items() if _kept(k)}, False, assign=True)
     tv.eval()
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     ours, y = d2(x), tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))
     diffs: dict[str, float] = {}
     for i, layer in enumerate((tv.layer1, tv.layer2, tv.layer3, tv.layer4)):
         y, name = layer(y), f"res{i + 2}"
-        if ours[name].shape != y.shape:
-            raise MCLDetError(
-                f"verification failed: {name} has shape {tuple(ours[name].shape)}, torchvision "
-                f"layer{i + 1} {tuple(y.shape)}; converter bug"
-            )
-        rel = diffs[name] = ((ours[name] - y).abs().max() / y.abs().max().clamp_min(1e-12)).item()
+        d = (ours[name] - y).abs().max() if ours[name].shape == y.shape else torch.tensor(math.inf)
+        diffs[name] = rel = (d / y.abs().max().clamp_min(1e-12)).item()
         logger.info("verify %s vs layer%d: max relative difference %.3g", name, i + 1, rel)
         if not rel <= VERIFY_RTOL:  # also catches NaN
             raise MCLDetError(
-                f"verification failed: detectron2 {name} differs from torchvision layer{i + 1} "
-                f"by {rel:.3g} (relative, limit {VERIFY_RTOL:g}); no output written. This is a "
-                "converter bug, please report it"
+                f"verification failed: detectron2 {name} {tuple(ours[name].shape)} differs from "
+                f"torchvision layer{i + 1} {tuple(y.shape)} by {rel:.3g} (relative, limit "
+                f"{VERIFY_RTOL:g}); no output written; {_BUG}"
             )
     return diffs
 
@@ -426,9 +402,7 @@ def verify_pkl(
 class ConversionReport:
     """What was converted, where it went and how well it matched."""
 
-    input_path: str
     output_path: str
-    yaml_path: str
     source_format: str
     member: int
     arch: str
@@ -448,7 +422,7 @@ class ConversionReport:
             f"member {self.member} ({self.arch}, {self.source_format}) -> {self.output_path}: "
             f"{self.num_tensors} tensors, {len(self.dropped)} dropped; "
             f"{v if self.verified else v + ' (--no-verify)'}; "
-            f"settings in {self.yaml_path} ({self.seconds:.1f} s)"
+            f"settings in {yaml_path_for(self.output_path)} ({self.seconds:.1f} s)"
         )
 
 
@@ -476,9 +450,9 @@ def convert_checkpoint(
 
     src = read_checkpoint(input_path, unsafe=unsafe)
     info = select_member(src, member)
-    arch = info.arch or "arch not recorded"
-    logger.info("%s: %s checkpoint, member %d (%s)", input_path, src.kind, info.index, arch)
     tv_state, depth = extract_member(src, info)
+    arch = info.arch or f"resnet{depth}"
+    logger.info("%s: %s checkpoint, member %d (%s)", input_path, src.kind, info.index, arch)
     d2_state, mapping, dropped = rename_to_d2(tv_state)
     logger.info("%d tensors mapped, %d dropped", len(mapping), len(dropped))
     model = {k: v.detach().cpu().numpy().copy() for k, v in d2_state.items()}
@@ -489,9 +463,7 @@ def convert_checkpoint(
     diffs: dict[str, float] = {}
     if verify:  # verify the exact bytes we are about to write, read back by detectron2 itself
         with tempfile.TemporaryDirectory(prefix="mcl_det_convert_") as tmp:
-            tmp_pkl = os.path.join(tmp, "weights.pkl")
-            with open(tmp_pkl, "wb") as f:
-                f.write(blob)
+            atomic_write_bytes(tmp_pkl := os.path.join(tmp, "weights.pkl"), blob)
             diffs = verify_pkl(tmp_pkl, tv_state, depth)
 
     epochs = "-" if info.epochs is None else info.epochs
@@ -500,18 +472,15 @@ def convert_checkpoint(
         "written by tools/convert_to_d2.py; merge it after your detection config",
         f"source: {os.path.abspath(src.path)}",
         f"format: {src.kind}",
-        f"member: {info.index} ({info.arch or f'resnet{depth}'}, epochs {epochs}, "
-        f"metric {_metric_str(info)})",
+        f"member: {info.index} ({arch}, epochs {epochs}, metric {_metric_str(info)})",
     ]
     atomic_write_bytes(output_path, blob)
-    atomic_write_text(yaml_out := yaml_path_for(output_path), settings_yaml(depth, header))
+    atomic_write_text(yaml_path_for(output_path), settings_yaml(depth, header))
     return ConversionReport(
-        input_path=input_path,
         output_path=output_path,
-        yaml_path=str(yaml_out),
         source_format=src.kind,
         member=info.index,
-        arch=info.arch or f"resnet{depth}",
+        arch=arch,
         depth=depth,
         num_tensors=len(d2_state),
         mapping=mapping,

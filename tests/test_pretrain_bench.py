@@ -35,3 +35,14 @@ def test_bench_cohort_step_runs_tiny_on_cpu(tmp_path):
     for k in ("step_time_ratio", "peak_mem_ratio", "mcl_terms_share_of_cohort_step"):
         assert d[k] > 0
     assert d["peak_mem_mib_cohort"] > d["peak_mem_mib_single"] > 0
+
+
+def test_bench_data_feed_runs_tiny_on_cpu(tmp_path):
+    """The GPU feed benchmark's code path (Trainer, loader workers reading generated JPEGs,
+    device stage, training step; synthetic views through the same step) at smoke size."""
+    d = _run("bench_data.py", tmp_path / "f.json", "--tiny")
+    assert d["mode"] == "feed" and d["pipeline"] == "device" and d["workers"] == 2
+    assert d["model"].startswith("2 x resnet18") and d["batch"] == 8 and d["image_size"] == 64
+    assert d["real_jpegs_images_per_s"] > 0 and d["synthetic_images_per_s"] > 0
+    ratio = d["real_jpegs_images_per_s"] / d["synthetic_images_per_s"]
+    assert abs(d["real_over_synthetic"] - ratio) < 0.01

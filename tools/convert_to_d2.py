@@ -52,7 +52,8 @@ def main() -> int:
     from mcl_det.utils.errors import MCLDetError
 
     if args.list:
-        print(convert.format_member_table(convert.list_members(args.input, args.unsafe_load)))
+        members = convert.read_checkpoint(args.input, args.unsafe_load).members
+        print(convert.format_member_table(members))
         return 0
     if not args.output:
         raise MCLDetError("missing OUTPUT (a .pkl path); or use --list to see the members")

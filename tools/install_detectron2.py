@@ -64,7 +64,9 @@ PATCHES: list[tuple[str, str, str]] = [
     ),
 ]
 
-STUB_C = '''"""Stand-in for detectron2's C++ extension, which this build does not have (written by mcl_det).
+STUB_C = '''"""Stand-in for detectron2's C++ extension, which this build does not have.
+
+Written by mcl_det's tools/install_detectron2.py.
 
 Standard Faster/Mask R-CNN use torchvision's roi_align and nms and do not need it. Rotated boxes,
 deformable convolution and the fast COCO evaluator do; they raise the error below.
@@ -95,8 +97,8 @@ def __getattr__(name):
     )
 '''
 
-SETUP_PY = """# Written by mcl_det's tools/install_detectron2.py: the sdist's own setup.py builds a C++
-# extension from sources the sdist lacks and installs a stray top-level "tools" package.
+SETUP_PY = """# Written by mcl_det's tools/install_detectron2.py: the sdist's own setup.py builds a
+# C++ extension from sources the sdist lacks and installs a stray top-level "tools" package.
 from setuptools import find_packages, setup
 
 setup(
@@ -166,10 +168,8 @@ def sha256(path: Path) -> str:
 def install_registry(work: Path) -> None:
     spec = f"{REGISTRY_NAME}=={REGISTRY_VERSION}"
     log(f"installing the registry sdist {spec} (sha256 {REGISTRY_SHA256[:12]}...)")
-    r = pip(
-        "download", "--no-deps", "--no-build-isolation", "--no-binary", ":all:", spec, "-d",
-        str(work),
-    )  # fmt: skip
+    flags = ("--no-deps", "--no-build-isolation", "--no-binary", ":all:")
+    r = pip("download", *flags, spec, "-d", str(work))
     sdists = list(work.glob("pb1[-_]detectron2-*.tar.gz"))
     if r.returncode != 0 or not sdists:
         raise SystemExit(f"error: could not download {spec} from the registry:\n{r.stderr[-2000:]}")
@@ -200,6 +200,11 @@ def install_registry(work: Path) -> None:
         raise SystemExit(f"error: pip could not install the patched sdist:\n{r.stderr[-3000:]}")
 
 
+def extension(found: tuple) -> str:
+    """What ``probe()`` found about the C++ extension, for the log."""
+    return f"C++ extension: {'present' if found[1] else 'absent (pure-Python fallbacks)'}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
@@ -213,8 +218,7 @@ def main() -> int:
 
     found = probe()
     if found and not args.force:
-        log(f"detectron2 {found[0]} already installed; C++ extension: "
-            f"{'present' if found[1] else 'absent (pure-Python fallbacks)'}")  # fmt: skip
+        log(f"detectron2 {found[0]} already installed; {extension(found)}")
         return 0
     if args.force:
         pip("uninstall", "-y", "detectron2", REGISTRY_NAME)
@@ -234,12 +238,13 @@ def main() -> int:
 
     found = probe()
     if not found:
-        print("error: detectron2 was installed but does not import; see the log above",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "error: detectron2 was installed but does not import; see the log above",
+            file=sys.stderr,
+        )
         return 2
     where = "upstream" if ok else f"registry {REGISTRY_NAME}=={REGISTRY_VERSION} (patched)"
-    log(f"installed detectron2 {found[0]} from {where}; C++ extension: "
-        f"{'present' if found[1] else 'absent (pure-Python fallbacks)'}")  # fmt: skip
+    log(f"installed detectron2 {found[0]} from {where}; {extension(found)}")
     return 0
 
 

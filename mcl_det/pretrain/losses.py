@@ -91,39 +91,81 @@ def mcl_loss_terms(
     needed = check_terms(needed)
     if not isinstance(logits, Tensor):
         logits = _stack_grid(logits, needs_cross(needed))
-    x = _upcast(logits)  # MxMxNxL or MxNxL
-    if needs_cross(needed) and x.dim() != 4:
-        raise ValueError("mcl_loss_terms: icl/soft_icl need the cross logits (cross=True)")
-    m, n = x.shape[0], x.shape[-2]
-    off = 1.0 - torch.eye(m, dtype=x.dtype, device=x.device)  # MxM: 1 where a != b
+    x = upcast(logits)  # MxMxNxL or MxNxL
+    return {**ce_terms(x, needed), **kl_terms(x, T, needed)}
 
-    def diagonal(cells: Tensor) -> Tensor:  # MxMxNxL -> MxNxL (a view); MxNxL as it is
-        return cells.diagonal(0, 0, 1).movedim(-1, 0) if cells.dim() == 4 else cells
 
-    out: dict[str, Tensor] = {}
-    if needed & {"vcl", "icl"}:
-        cells = x if "icl" in needed else diagonal(x)  # MxMxNxL or MxNxL
-        rows = cells.reshape(-1, cells.shape[-1])  # (cells*N)xL
+def ce_terms(
+    logits: Tensor, needed: Iterable[str] | None = None, n_pos: int = 1
+) -> dict[str, Tensor]:
+    """vcl (sum over the cells [a, a]) and icl (sum over the cells a != b) among ``needed``.
+
+    logits: MxMxNxL or MxNxL (the diagonal only: vcl), the positives in the first ``n_pos``
+    columns. Per cell: the batch mean of -(mean over the positives of log softmax), which for
+    one positive is cross-entropy with target 0 (its fused kernel is used then).
+    """
+    needed = check_terms(needed) & {"vcl", "icl"}
+    if not needed:
+        return {}
+    x = _cells(upcast(logits), cross="icl" in needed)  # MxMxNxL or MxNxL
+    if n_pos == 1:
+        rows = x.reshape(-1, x.shape[-1])  # (cells*N)xL
         zero = torch.zeros(rows.shape[0], dtype=torch.long, device=x.device)  # positive: col 0
-        ce = F.cross_entropy(rows, zero, reduction="none").view(cells.shape[:-1]).mean(-1)
-        if "icl" in needed:  # ce: MxM batch means
-            out["icl"] = (ce * off).sum()
-            ce = ce.diagonal()
-        if "vcl" in needed:  # ce: M
-            out["vcl"] = ce.sum()
-    if needed & {"soft_vcl", "soft_icl"}:
-        log_p = F.log_softmax((x if "soft_icl" in needed else diagonal(x)) / T, dim=-1)
-        if "soft_icl" in needed:  # [a, b] = KL(p(b->a) || p(a->b)): the teacher is cell [b, a]
-            teacher = log_p.detach().transpose(0, 1)  # MxMxNxL
-            kl = F.kl_div(log_p, teacher, reduction="none", log_target=True).sum((2, 3))  # MxM
-            out["soft_icl"] = (kl * off).sum() * (T * T / n)
-        if "soft_vcl" in needed:  # [a, b] = KL(p(b->b) || p(a->a)), broadcast over the pairs
-            d = diagonal(log_p)  # MxNxL
-            kl = F.kl_div(
-                d.unsqueeze(1), d.detach().unsqueeze(0), reduction="none", log_target=True
-            )
-            out["soft_vcl"] = (kl.sum((2, 3)) * off).sum() * (T * T / n)
+        ce = F.cross_entropy(rows, zero, reduction="none").view(x.shape[:-1]).mean(-1)
+    else:
+        ce = -F.log_softmax(x, dim=-1)[..., :n_pos].mean(-1).mean(-1)
+    out: dict[str, Tensor] = {}
+    if "icl" in needed:  # ce: MxM batch means
+        out["icl"] = (ce * _off_diagonal(x)).sum()
+        ce = ce.diagonal()
+    if "vcl" in needed:  # ce: M
+        out["vcl"] = ce.sum()
     return out
+
+
+def kl_terms(
+    logits: Tensor, T: float = 3.0, needed: Iterable[str] | None = None
+) -> dict[str, Tensor]:
+    """soft_vcl and soft_icl among ``needed``: sums over the pairs a != b of T^2 times the batch
+    mean of KL(teacher || student) at temperature T, the teacher detached.
+
+    logits: MxMxNxL or MxNxL (the diagonal only: soft_vcl). soft_vcl's student is cell [a, a],
+    its teacher [b, b]; soft_icl's student is cell [a, b], its teacher [b, a].
+    """
+    needed = check_terms(needed) & {"soft_vcl", "soft_icl"}
+    if not needed:
+        return {}
+    x = _cells(upcast(logits), cross="soft_icl" in needed)  # MxMxNxL or MxNxL
+    scale, off = T * T / x.shape[-2], _off_diagonal(x)  # off: MxM, 1 where a != b
+    log_p = F.log_softmax(x / T, dim=-1)
+    out: dict[str, Tensor] = {}
+    if "soft_icl" in needed:  # [a, b] = KL(p(b->a) || p(a->b)): the teacher is cell [b, a]
+        teacher = log_p.detach().transpose(0, 1)  # MxMxNxL
+        kl = F.kl_div(log_p, teacher, reduction="none", log_target=True).sum((2, 3))  # MxM
+        out["soft_icl"] = (kl * off).sum() * scale
+    if "soft_vcl" in needed:  # [a, b] = KL(p(b->b) || p(a->a)), broadcast over the pairs
+        d = diagonal_cells(log_p)  # MxNxL
+        kl = F.kl_div(d.unsqueeze(1), d.detach().unsqueeze(0), reduction="none", log_target=True)
+        out["soft_vcl"] = (kl.sum((2, 3)) * off).sum() * scale
+    return out
+
+
+def diagonal_cells(cells: Tensor) -> Tensor:
+    """The cells [a, a]: MxMxNxL -> MxNxL (a view); MxNxL is returned as it is."""
+    return cells.diagonal(0, 0, 1).movedim(-1, 0) if cells.dim() == 4 else cells
+
+
+def _cells(x: Tensor, cross: bool) -> Tensor:
+    """All cells when a cross term needs them (an error if ``x`` has only the diagonal), else
+    the diagonal only."""
+    if cross and x.dim() != 4:
+        raise ValueError("mcl_loss_terms: icl/soft_icl need the cross logits (cross=True)")
+    return x if cross else diagonal_cells(x)
+
+
+def _off_diagonal(x: Tensor) -> Tensor:
+    """MxM mask of the ordered pairs a != b (0 on the diagonal) in ``x``'s dtype and device."""
+    return 1.0 - torch.eye(x.shape[0], dtype=x.dtype, device=x.device)
 
 
 def _stack_grid(grid: Sequence[Sequence[Tensor | None]], cross: bool) -> Tensor:
@@ -138,7 +180,7 @@ def _stack_grid(grid: Sequence[Sequence[Tensor | None]], cross: bool) -> Tensor:
     return torch.stack([torch.stack(list(row)) for row in grid])
 
 
-def _upcast(x: Tensor) -> Tensor:
+def upcast(x: Tensor) -> Tensor:
     """fp16/bf16 -> float32 (a softmax over 65k half-precision logits loses the small
     probabilities); float32/float64 are kept as they are."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -150,8 +192,8 @@ def soft_kl(student: Tensor, teacher: Tensor, T: float) -> Tensor:
     student, teacher: NxL logits (same L, same column meaning) -> scalar. The T^2 factor keeps the
     gradient scale independent of T (Hinton et al.).
     """
-    log_q = F.log_softmax(_upcast(student) / T, dim=-1)  # NxL
-    log_p = F.log_softmax(_upcast(teacher).detach() / T, dim=-1)  # NxL
+    log_q = F.log_softmax(upcast(student) / T, dim=-1)  # NxL
+    log_p = F.log_softmax(upcast(teacher).detach() / T, dim=-1)  # NxL
     return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * (T * T)
 
 

@@ -46,9 +46,10 @@ Where we do not (documented in the README): the caller's sampled positive is nev
 itself unless its class has one image; an in-batch anchor whose class appears once has no
 positive and is left out of the CE means (the authors' loss is NaN then).
 
-Why autograd here and not a fused node as for the self-supervised terms: the supervised rows are
-short (N or 2+K columns, K a few thousand) and the networks dominate the step; the cohort is
-still batched (one matmul or bmm per bank, one log-softmax over all cells).
+The rows of a cohort are stacked into one MxMxNxL (or, without cross terms, MxNxL) tensor as for
+the self-supervised terms, and every term whose math is the same (CE with the positives first,
+T^2 KL against the detached transposed cell) is computed by ``losses``' functions; only the
+SupCon CE of the in-batch rows (a positive mask per anchor) is specific to this module.
 """
 
 from __future__ import annotations
@@ -59,7 +60,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mcl_det.pretrain.losses import check_terms, needs_cross
+from mcl_det.pretrain.losses import (
+    ce_terms,
+    check_terms,
+    diagonal_cells,
+    kl_terms,
+    mcl_loss_terms,
+    needs_cross,
+    upcast,
+)
 
 SUP_VARIANTS = ("authors", "single_positive")
 
@@ -67,47 +76,6 @@ SUP_VARIANTS = ("authors", "single_positive")
 def _check_variant(variant: str) -> None:
     if variant not in SUP_VARIANTS:
         raise ValueError(f"unknown supervised variant {variant!r}; known: {list(SUP_VARIANTS)}")
-
-
-def _upcast(x: Tensor) -> Tensor:
-    """fp16/bf16 -> float32 (softmax over thousands of half-precision logits is too coarse)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def _pairs(m: int) -> tuple[list[int], list[int], list[int]]:
-    """Ordered pairs a != b as index lists (students a, partners b) and, for each pair (a, b),
-    the position of (b, a) in the same list (its Soft ICL teacher)."""
-    pairs = [(a, b) for a in range(m) for b in range(m) if a != b]
-    where = {p: k for k, p in enumerate(pairs)}
-    return [a for a, _ in pairs], [b for _, b in pairs], [where[(b, a)] for a, b in pairs]
-
-
-def _kl_sum(log_p_student: Tensor, log_p_teacher: Tensor, T: float) -> Tensor:
-    """sum over cells of T^2 * batch-mean KL(p_teacher || p_student), teacher detached here.
-
-    PxNxL log-probabilities at temperature T (each row already log-softmaxed) -> scalar.
-    """
-    n = log_p_student.shape[1]
-    kl = F.kl_div(log_p_student, log_p_teacher.detach(), reduction="sum", log_target=True)
-    return kl * (T * T / n)
-
-
-def _soft_vcl(diag: Tensor, T: float) -> Tensor:
-    """sum_{a != b} T^2 KL(row of b || row of a): diag MxNxL logits of the cells (a, a)."""
-    m = diag.shape[0]
-    if m < 2:
-        return diag.new_zeros(())
-    students, teachers, _ = _pairs(m)
-    log_p = F.log_softmax(diag / T, dim=2)  # MxNxL
-    return _kl_sum(log_p[students], log_p[teachers], T)  # M(M-1)xNxL each
-
-
-def _soft_icl(off: Tensor, m: int, T: float) -> Tensor:
-    """sum_{a != b} T^2 KL(row (b, a) || row (a, b)): off M(M-1)xNxL logits of the ordered pairs
-    in ``_pairs(m)`` order; each pair's teacher is its transposed pair."""
-    _, _, transposed = _pairs(m)
-    log_p = F.log_softmax(off / T, dim=2)  # M(M-1)xNxL
-    return _kl_sum(log_p, log_p[transposed], T)
 
 
 def _zeros(names: Iterable[str], ref: Tensor) -> dict[str, Tensor]:
@@ -156,7 +124,7 @@ def bank_terms(
         return {}
     cross = needs_cross(needed) and m > 1
     own_column = cross and variant == "authors"
-    z = torch.stack([_upcast(x) for x in zs]) / tau  # MxNxC, scaled once
+    z = torch.stack([upcast(x) for x in zs]) / tau  # MxNxC, scaled once
     shared = neg.dim() == 1
     n_neg = neg.shape[-1]
     pos_l, own_l, neg_l = [], [], []  # per bank b
@@ -178,38 +146,22 @@ def bank_terms(
                 neg_l.append(z[b] @ neg_b.t())  # NxK
             else:
                 neg_l.append(torch.bmm(neg_b, z[b].unsqueeze(2)).squeeze(2))  # NxK
-    out: dict[str, Tensor] = {}
-    if not cross:
-        # MxNx(1+K): the VCL rows [pos, neg] of every member
+    if not cross:  # MxNx(1+K): the VCL rows [pos, neg] of every member
         diag = torch.cat([torch.stack(pos_l).unsqueeze(2), torch.stack(neg_l)], dim=2)
-        if "vcl" in needed:
-            out["vcl"] = -F.log_softmax(diag, dim=2)[:, :, 0].mean(dim=1).sum()
-        if "soft_vcl" in needed:
-            out["soft_vcl"] = _soft_vcl(diag, T)
+        out = mcl_loss_terms(diag, T, needed & {"vcl", "soft_vcl"})
         out.update(_zeros(needed - set(out), z))  # M = 1: no pairs
         return out
-    # [a, b, i, :] = row of anchor i of member a against bank b: MxMxNx(1+K) or Mx Mx Nx(2+K)
+    # [a, b, i, :] = row of anchor i of member a against bank b: MxMxNx(1+K) or MxMxNx(2+K)
     columns = [torch.stack(pos_l, dim=1).unsqueeze(3), torch.stack(neg_l, dim=1)]
-    if own_column:
-        columns.insert(0, torch.stack(own_l, dim=1).unsqueeze(3))
-    cells = torch.cat(columns, dim=3)
-    first = 1 if own_column else 0  # where [pos, neg] starts
-    members = list(range(m))
-    students, partners, _ = _pairs(m)
-    if {"vcl", "soft_vcl"} & needed:
-        diag = cells[members, members, :, first:]  # MxNx(1+K)
-        if "vcl" in needed:
-            out["vcl"] = -F.log_softmax(diag, dim=2)[:, :, 0].mean(dim=1).sum()
-        if "soft_vcl" in needed:
-            out["soft_vcl"] = _soft_vcl(diag, T)
-    off = cells[students, partners]  # M(M-1)xNxL, L = 2+K (authors) or 1+K
-    if "icl" in needed:
-        n_pos = first + 1  # own + sampled (authors) or sampled only
-        log_p = F.log_softmax(off, dim=2)[:, :, :n_pos]  # M(M-1)xNxn_pos
-        out["icl"] = -log_p.mean(dim=2).mean(dim=1).sum()
-    if "soft_icl" in needed:
-        out["soft_icl"] = _soft_icl(off, m, T)
-    return out
+    if not own_column:  # single_positive: every cell is [pos, neg], the self-supervised layout
+        return mcl_loss_terms(torch.cat(columns, dim=3), T, needed)
+    cells = torch.cat([torch.stack(own_l, dim=1).unsqueeze(3), *columns], dim=3)
+    diag = diagonal_cells(cells)[..., 1:]  # MxNx(1+K): the VCL rows, without the own column
+    return {
+        **mcl_loss_terms(diag, T, needed & {"vcl", "soft_vcl"}),
+        **ce_terms(cells, needed & {"icl"}, n_pos=2),  # positives: own and sampled
+        **kl_terms(cells, T, needed & {"soft_icl"}),
+    }
 
 
 @torch.no_grad()
@@ -285,29 +237,25 @@ def inbatch_terms(
         return {}
     authors = variant == "authors"
     cross = needs_cross(needed) and m > 1
-    z = torch.stack([_upcast(x) for x in zs])  # MxNxC
+    z = torch.stack([upcast(x) for x in zs])  # MxNxC
     same = labels.view(-1, 1) == labels.view(1, -1)  # NxN
     eye = torch.eye(n, dtype=torch.bool, device=same.device)
     same_other = same & ~eye  # NxN: positives without the anchor itself
-    members = list(range(m))
     if cross:  # every pair at once: [a, b, i, j] = z_a[i] . z_b[j] / tau
         flat = z.reshape(m * n, c)
         grid = ((flat / tau) @ flat.t()).view(m, n, m, n).permute(0, 2, 1, 3)  # MxMxNxN
-        diag = grid[members, members]  # MxNxN
+        diag = diagonal_cells(grid)  # MxNxN
     else:
         diag = torch.bmm(z / tau, z.transpose(1, 2))  # MxNxN
     out: dict[str, Tensor] = {}
     if "vcl" in needed:
         out["vcl"] = _supcon(diag, same_other, self_out=True).sum()
-    if "soft_vcl" in needed and m > 1:
-        out["soft_vcl"] = _soft_vcl(diag if authors else _drop_diagonal(diag), T)
+    out.update(kl_terms(diag if authors else _drop_diagonal(diag), T, needed & {"soft_vcl"}))
     if cross:
-        students, partners, _ = _pairs(m)
-        off = grid[students, partners]  # M(M-1)xNxN
         if "icl" in needed:
             positives = same_other if authors else same
-            out["icl"] = _supcon(off, positives, self_out=authors).sum()
-        if "soft_icl" in needed:
-            out["soft_icl"] = _soft_icl(off, m, T)
+            ce = _supcon(grid.flatten(0, 1), positives, self_out=authors).view(m, m)  # MxM
+            out["icl"] = ce.sum() - ce.diagonal().sum()  # the pairs a != b
+        out.update(kl_terms(grid, T, needed & {"soft_icl"}))
     out.update(_zeros(needed - set(out), z))  # M = 1: no pairs
     return out

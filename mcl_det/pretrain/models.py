@@ -381,17 +381,15 @@ class BankSupervisedCohort(SupervisedCohort):
 
     def __init__(
         self,
-        archs: Sequence[str],
-        num_classes: int,
-        dim: int = 128,
-        hidden: int = 0,
-        bank_size: int = 0,
+        *args: Any,
         targets: Sequence[int] = (),
         bank_negatives: int = 8192,
         bank_momentum: float = 0.5,
-        **loss_kwargs: Any,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(archs, num_classes, dim, hidden, bank_size, **loss_kwargs)
+        """``SupervisedCohort``'s arguments, plus the training labels in dataset order (sorted by
+        class) and the bank's sampling and update settings."""
+        super().__init__(*args, **kwargs)
         self.bank_momentum = bank_momentum
         self.blocks = class_blocks(list(targets)) if len(targets) else None  # (start, count)
         count = self.blocks[1] if self.blocks is not None else torch.zeros(1)
