@@ -520,7 +520,7 @@ def worker(args: argparse.Namespace) -> list[dict]:
     try:
         with preempt.handle_preemption():
             for c in trial_cfgs(cfg, args.trials):
-                done = _finished(c) if args.resume else None
+                done = _finished(c) if args.resume and not args.eval_only else None
                 if done is not None:  # a requeued --trials job: keep the trials already done
                     logger.info("%s already finished: results.json kept", c.OUTPUT_DIR)
                     out.append(done)
