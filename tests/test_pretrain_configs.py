@@ -97,3 +97,25 @@ def test_resolved_member_list_and_method_class():
     sup = ["MODE", "supervised", "SUP.NEGATIVES"]
     assert cohort_class(setup_pretrain_cfg(None, [*sup, "bank"])) is BankSupervisedCohort
     assert cohort_class(setup_pretrain_cfg(None, [*sup, "batch"])) is InBatchSupervisedCohort
+
+
+@pytest.mark.parametrize("value", ["0.0", "1.5", "-0.5"])
+def test_eval_crop_out_of_range_is_a_user_error(value):
+    with pytest.raises(MCLDetError, match="DATA.EVAL_CROP"):
+        setup_pretrain_cfg(None, ["DATA.EVAL_CROP", value])
+
+
+def test_eval_crop_one_keeps_the_whole_image():
+    """EVAL_CROP 1.0: resize only, so a frame-filling object keeps its border pixels; 0.875 cuts
+    1/16 of the side from each edge (ImageNet's 224 <- 256)."""
+    from PIL import Image
+
+    from mcl_det.pretrain.data import eval_transform
+
+    img = Image.new("RGB", (32, 32), (0, 0, 0))
+    img.putpixel((0, 16), (255, 255, 255))  # one white pixel on the left border
+    whole = eval_transform(32, 1.0)(img)  # 3x32x32, normalised
+    cropped = eval_transform(32, 0.875)(img)  # resized to 37, centre 32 kept: border gone
+    assert whole.shape == cropped.shape == (3, 32, 32)
+    assert whole[0, 16, 0] > whole[0, 0, 0]  # the border pixel survives
+    assert torch.equal(cropped, cropped[:, :1, :1].expand(3, 32, 32))  # all black: pixel cut off

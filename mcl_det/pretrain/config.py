@@ -77,6 +77,9 @@ def get_pretrain_cfg() -> CN:
     _C.DATA.TRAIN_DIR = "train"
     _C.DATA.VAL_DIR = "val"
     _C.DATA.IMAGE_SIZE = 224
+    # evaluation views: resize to IMAGE_SIZE / EVAL_CROP, centre-crop IMAGE_SIZE (ImageNet: 0.875,
+    # 224 <- 256); 1.0 keeps the whole image (small images whose object fills the frame)
+    _C.DATA.EVAL_CROP = 0.875
     _C.DATA.AUG = "aug+"  # selfsup: "aug+" (MoCo v2) or "aug" (MoCo v1)
     _C.DATA.NUM_WORKERS = 4
     # "pil": the whole augmentation in the workers; "device": workers decode + crop (uint8), the
@@ -190,5 +193,10 @@ def setup_pretrain_cfg(
     _check_choice("SOLVER.AMP", cfg.SOLVER.AMP, AMP_MODES)
     _check_choice("SUP.NEGATIVES", cfg.SUP.NEGATIVES, SUP_NEGATIVES)
     _check_choice("LOSS.SUP_VARIANT", cfg.LOSS.SUP_VARIANT, SUP_VARIANTS)
+    if not 0.0 < float(cfg.DATA.EVAL_CROP) <= 1.0:
+        raise MCLDetError(
+            f"DATA.EVAL_CROP must be in (0, 1], got {cfg.DATA.EVAL_CROP}: 0.875 is ImageNet's "
+            "centre crop, 1.0 the whole image"
+        )
     cfg.freeze()
     return cfg

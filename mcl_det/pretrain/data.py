@@ -85,11 +85,11 @@ def supervised_transform(size: int = 224) -> T.Compose:
     )
 
 
-def eval_transform(size: int = 224) -> T.Compose:
-    """Resize to size/0.875 then centre crop (224 <- 256)."""
+def eval_transform(size: int = 224, crop: float = 0.875) -> T.Compose:
+    """Resize to size/crop then centre crop ``size`` (ImageNet's 224 <- 256 at 0.875)."""
     return T.Compose(
         [
-            T.Resize(int(round(size / 0.875))),
+            T.Resize(int(round(size / crop))),
             T.CenterCrop(size),
             T.ToTensor(),
             T.Normalize(MEAN, STD),

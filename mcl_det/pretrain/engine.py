@@ -187,7 +187,7 @@ class Trainer:
         self.val_set = None
         val_dir = root / cfg.DATA.VAL_DIR
         if cfg.MONITOR.EVAL_PERIOD > 0 and val_dir.is_dir():
-            transform = eval_transform(cfg.DATA.IMAGE_SIZE)
+            transform = eval_transform(cfg.DATA.IMAGE_SIZE, cfg.DATA.EVAL_CROP)
             self.val_set = SafeImageFolder(val_dir, transform, cfg.SEED, scan)
         elif cfg.MONITOR.EVAL_PERIOD > 0 and self.main:
             print(f"warning: no validation folder {val_dir}: monitoring disabled")

@@ -80,7 +80,9 @@ def run_linear_eval(
     size, lc = cfg.DATA.IMAGE_SIZE, cfg.LINEAR
     pipeline = InputPipeline(cfg, device, mode="supervised")  # crop + flip; normalise below
     train_set = SafeImageFolder(root / cfg.DATA.TRAIN_DIR, pipeline.train_transform, cfg.SEED)
-    val_set = SafeImageFolder(root / cfg.DATA.VAL_DIR, eval_transform(size), cfg.SEED)
+    val_set = SafeImageFolder(
+        root / cfg.DATA.VAL_DIR, eval_transform(size, cfg.DATA.EVAL_CROP), cfg.SEED
+    )
     bs = min(lc.IMS_PER_BATCH, len(train_set))
     g = torch.Generator().manual_seed(cfg.SEED)
     nw = cfg.DATA.NUM_WORKERS

@@ -232,7 +232,7 @@ class SelfSupCohort(nn.Module):
     def evaluate(self, cfg, train_set: SafeImageFolder, val_set, device, num_classes: int):
         """Weighted-kNN top-1 of each member's backbone: train images are the memory."""
         train_eval = SafeImageFolder(
-            train_set.root, eval_transform(cfg.DATA.IMAGE_SIZE), scan=False
+            train_set.root, eval_transform(cfg.DATA.IMAGE_SIZE, cfg.DATA.EVAL_CROP), scan=False
         )
         train_eval.samples, train_eval.targets = train_set.samples, train_set.targets
         memory: Any = train_eval
