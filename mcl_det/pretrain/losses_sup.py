@@ -213,7 +213,7 @@ def inbatch_terms(
     labels: Tensor,
     tau: float,
     T: float,
-    needed: Iterable[str] | None,
+    needed: Iterable[str] | None = None,
     variant: str = "authors",
 ) -> dict[str, Tensor]:
     """The needed MCL terms with in-batch SupCon contrast (rows: see the module docstring).
