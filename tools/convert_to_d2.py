@@ -50,12 +50,14 @@ def main() -> int:
 
     from mcl_det import convert
     from mcl_det.utils.errors import MCLDetError
+    from mcl_det.utils.rundir import check_output_path
 
     if args.list:
         print(convert.format_member_table(convert.list_members(args.input, args.unsafe_load)))
         return 0
     if not args.output:
         raise MCLDetError("missing OUTPUT (a .pkl path); or use --list to see the members")
+    check_output_path(args.output, "file", "OUTPUT")  # before the conversion, not after it
     report = convert.convert_checkpoint(
         args.input, args.output, args.member, not args.no_verify, args.unsafe_load
     )
