@@ -192,9 +192,12 @@ def _assert_user_error(r, fragment):
 
 @pytest.mark.slow
 def test_cli_bad_inputs(data_root, tmp_path):
-    _assert_user_error(_cli("--cohort", "2", "DATA.ROOT", str(tmp_path / "nope")), "not found")
+    out = ["OUTPUT_DIR", str(tmp_path / "out")]  # not the toy default inside the checkout
+    _assert_user_error(
+        _cli("--cohort", "2", "DATA.ROOT", str(tmp_path / "nope"), *out), "not found"
+    )
     (tmp_path / "empty" / "train").mkdir(parents=True)
-    _assert_user_error(_cli("DATA.ROOT", str(tmp_path / "empty")), "no images")
+    _assert_user_error(_cli("DATA.ROOT", str(tmp_path / "empty"), *out), "no images")
     out = tmp_path / "corrupt"
     out.mkdir()
     (out / "checkpoint_last.pth").write_bytes(b"garbage")

@@ -50,6 +50,7 @@ def main() -> int:
 
     from mcl_det import convert
     from mcl_det.utils.errors import MCLDetError
+    from mcl_det.utils.rundir import check_output_path
 
     if args.list:
         members = convert.read_checkpoint(args.input, args.unsafe_load).members
@@ -57,6 +58,7 @@ def main() -> int:
         return 0
     if not args.output:
         raise MCLDetError("missing OUTPUT (a .pkl path); or use --list to see the members")
+    check_output_path(args.output, "file", "OUTPUT")  # before the conversion, not after it
     report = convert.convert_checkpoint(
         args.input, args.output, args.member, not args.no_verify, args.unsafe_load
     )

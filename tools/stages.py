@@ -35,12 +35,13 @@ from mcl_det.utils.io import atomic_write_json  # noqa: E402
 def pretrain_cmd(
     config: str, out: Path, data: Path, opts: Sequence[str] = (), cohort: int | None = None
 ) -> list[str]:
-    """Cohort pretraining; resumes from ``out/checkpoint_last.pth`` when an earlier run left one."""
+    """Cohort pretraining; resumes from ``out/checkpoint_last.pth`` when an earlier run left one
+    (else ``--auto-resume``: a folder left by an attempt without a checkpoint is not refused)."""
+    resume = "--resume" if (out / "checkpoint_last.pth").exists() else "--auto-resume"
     return (
         [sys.executable, "pretrain/main.py"]
         + (["--cohort", str(cohort)] if cohort else [])
-        + ["--config-file", config]
-        + (["--resume"] if (out / "checkpoint_last.pth").exists() else [])
+        + ["--config-file", config, resume]
         + ["DATA.ROOT", str(data), "OUTPUT_DIR", str(out), *opts]
     )
 

@@ -4,12 +4,20 @@ One iteration: the cohort's ``training_step`` (its forward through the DDP / com
 logits, the loss terms, the values to log), backward and SGD step, then the cohort's
 ``after_step`` (queue enqueue, bank update). What a method is lives in models.py; the Trainer owns
 what every method shares: data, optimizer, AMP, lr schedule, checkpoints, monitor and logging.
+
+A checkpoint written during training is first kept under a temporary name and put in place only
+once the next iteration's loss, computed from its weights, is finite: a step that blows the
+weights up (finite loss, absurd update) never replaces the last good checkpoint. Loss and
+gradients are checked before the optimizer step. SIGTERM/SIGUSR1 (``mcl_det.utils.preempt``)
+finish the iteration, write the checkpoint and stop with exit code 75.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -17,14 +25,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from fvcore.common.param_scheduler import CosineParamScheduler, MultiStepParamScheduler
 from torch import nn
 from torch.utils.data import DataLoader
 
 from ..config import save_cfg
+from ..utils import preempt
 from ..utils.errors import MCLDetError
 from ..utils.malloc import keep_freed_memory
 from ..utils.rng import rng_state, set_rng_state
+from ..utils.rundir import check_output_path, open_run_dir
 from . import distributed as du
 from . import losses
 from .checkpoint import LAST, load_checkpoint, load_model_state, save_checkpoint
@@ -41,6 +52,36 @@ from .models import cohort_class
 from .monitor import Logger, Progress, member_metrics
 
 LOGGED_TERMS = ("ce", *losses.TERMS)  # loss_<name> in every train line (null when not computed)
+# Everything a pretraining run writes into OUTPUT_DIR: their presence means "a run is there"
+# (refused without --resume / --auto-resume / --overwrite; --overwrite deletes exactly these).
+RUN_OUTPUTS = (LAST, "checkpoint_ep*.pth", "log.jsonl", "config.yaml", "tb", "linear_eval_member*")
+RUN_CHECKPOINTS = (LAST,)
+# A checkpoint not yet confirmed by the next iteration's loss. The name fits the temporary-file
+# pattern that open_run_dir removes at the next start (".NAME.<8 chars>.tmp").
+UNTESTED = ".{}.untested.tmp"
+CONFIG_IGNORED = ("OUTPUT_DIR",)  # may differ between a run and its resumed continuation
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def config_changes(old_yaml: str, cfg) -> list[str]:
+    """``KEY: old -> new`` for every setting of ``cfg`` that differs from the config saved as
+    ``old_yaml`` (a checkpoint's or OUTPUT_DIR/config.yaml), OUTPUT_DIR aside: a resumed run
+    says what it does differently from the run it continues."""
+    old = _flat(yaml.safe_load(old_yaml) or {})
+    new = _flat(yaml.safe_load(cfg.dump()) or {})
+    return [
+        f"{k}: {old.get(k)} -> {new.get(k)}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k) and k not in CONFIG_IGNORED
+    ]
 
 
 def autocast_ctx(cfg, device: torch.device):
@@ -138,13 +179,21 @@ class Trainer:
             else self.total_iters
         )
         self.iteration = 0
+        self.committed: int | None = None  # iteration of the checkpoint in place, if any
+        self._untested: list[tuple[Path, Path]] = []  # (temporary, final) awaiting the next loss
         self.metrics = member_metrics([None] * len(self.archs), self.cohort.metric, 0)
         self.logger = Logger(self.out, enabled=self.main, tensorboard=cfg.MONITOR.TENSORBOARD)
         torch.manual_seed(cfg.SEED + 1000 * self.rank)  # per-rank stream from here on
+        if self.world > 1:  # rank 0 holds OUTPUT_DIR and decides (torchrun: every rank asks)
+            flag = [bool(resume)]
+            torch.distributed.broadcast_object_list(flag, src=0)
+            resume = flag[0]
         if resume:
             self._resume()
-        elif self.main and self.logger.path.is_file():
-            self.logger.path.unlink()  # a fresh run, a fresh log (checkpoints are replaced too)
+        else:
+            # a folder holding another run is refused or emptied before we get here (pretrain/
+            # main.py); what is left are log lines of an attempt that wrote no checkpoint
+            self.logger.truncate_after(0)
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_cfg(cfg, self.out / "config.yaml")
@@ -166,6 +215,13 @@ class Trainer:
         )
         if self.main and self.train_set.skipped:
             print(f"warning: skipped {len(self.train_set.skipped)} unreadable training images")
+        found = self.train_set.classes
+        if cfg.MODE == "supervised" and len(found) < 2:
+            raise MCLDetError(
+                f"supervised pretraining needs at least 2 classes, but {root / cfg.DATA.TRAIN_DIR} "
+                f"holds {len(found)} ({', '.join(found)}): every loss term would be 0 and top-1 "
+                "100 %; add class folders or use MODE selfsup"
+            )
         self.num_classes = cfg.MODEL.NUM_CLASSES or len(self.train_set.classes)
         self.sampler = EpochBatchSampler(
             self.train_set.targets,
@@ -211,9 +267,15 @@ class Trainer:
         self.metrics = ckpt.get("member_metrics", self.metrics)
         rngs = ckpt["rng"]
         set_rng_state(rngs[self.rank] if isinstance(rngs, list) else rngs)
+        self.committed = self.iteration
         self.logger.truncate_after(self.iteration)
         if self.main:
             print(f"resumed from {path} at iteration {self.iteration}")
+        changes = config_changes(ckpt.get("config") or "", self.cfg)
+        if changes and self.main:
+            print(f"settings changed since that checkpoint: {'; '.join(changes)}", flush=True)
+            record = {"type": "config_change", "iteration": self.iteration, "changes": changes}
+            self.logger.write(record)
 
     # ------------------------------------------------------------------ steps
 
@@ -252,15 +314,22 @@ class Trainer:
             self.logger.write(record)
         du.barrier()
 
-    def save(self, name: str = LAST) -> None:
-        """Checkpoint (rank 0 writes; every rank's RNG state is gathered so DDP resumes exactly)."""
+    def save(self, name: str = LAST, untested: bool = False) -> Path:
+        """Checkpoint (rank 0 writes; every rank's RNG state is gathered so DDP resumes exactly).
+
+        ``untested``: written under a temporary name and put in place by :meth:`commit` once the
+        next iteration's loss shows the weights are sound (:meth:`discard` drops it otherwise).
+        Returns the checkpoint's final path.
+        """
+        path = self.out / name
+        target = path.with_name(UNTESTED.format(name)) if untested else path
         rngs = [rng_state()]
         if self.world > 1:
             rngs = [None] * self.world
             torch.distributed.all_gather_object(rngs, rng_state())
         if self.main:
             save_checkpoint(
-                self.out / name,
+                target,
                 self.model,
                 self.cfg,
                 epoch=self.iteration // self.iters_per_epoch,
@@ -273,11 +342,62 @@ class Trainer:
                 world_size=self.world,
                 skipped_images=self.train_set.num_skipped,
             )
+        if untested:  # on every rank: they all take the same decisions
+            self._untested.append((target, path))
+        elif name == LAST:
+            self.committed = self.iteration
         du.barrier()
+        return path
+
+    def commit(self) -> None:
+        """Put the checkpoints written at the previous iteration in place (atomic renames)."""
+        for tmp, path in self._untested:
+            if self.main:
+                os.replace(tmp, path)
+            if path.name == LAST:
+                self.committed = self.iteration
+        self._untested.clear()
+
+    def discard(self) -> None:
+        """Drop unconfirmed checkpoints: the ones in place stay the last good ones."""
+        for tmp, _ in self._untested:
+            if self.main:
+                tmp.unlink(missing_ok=True)
+        self._untested.clear()
+
+    def _diverged(self, what: str) -> MCLDetError:
+        kept = (
+            f"the last good checkpoint, {self.out / LAST} (iteration {self.committed}), is kept: "
+            "continue it with --resume and a lower SOLVER.BASE_LR"
+            if self.committed is not None
+            else "no checkpoint was written before it"
+        )
+        return MCLDetError(
+            f"{what} at iteration {self.iteration + 1}; lower SOLVER.BASE_LR or try without "
+            f"SOLVER.AMP fp16; {kept}"
+        )
+
+    def _grads_finite(self) -> bool:
+        """Whether every gradient is finite (max-abs norm: huge but finite values pass)."""
+        grads = [p.grad for p in self.cohort.parameters() if p.grad is not None]
+        if not grads:
+            return True
+        return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, float("inf"))))
 
     # ------------------------------------------------------------------ loop
 
     def train(self) -> dict[str, Any]:
+        """Train to ``stop_iter``. Under ``preempt.handle_preemption`` a SIGTERM/SIGUSR1 stops
+        after the current iteration with a checkpoint (``Preempted``)."""
+        stop = preempt.current()
+        try:
+            with stop.deferred() if stop is not None else nullcontext():
+                return self._train(stop)
+        except BaseException:
+            self.discard()  # an interrupted or diverged run keeps its last good checkpoint
+            raise
+
+    def _train(self, stop: preempt.PreemptFlag | None) -> dict[str, Any]:
         cfg = self.cfg
         self.model.train()
         progress = Progress(
@@ -294,13 +414,13 @@ class Trainer:
                 step = self.cohort.training_step(self.forward, batch)
                 loss_mean = float(du.all_reduce_mean(step.loss.detach()))
                 if not math.isfinite(loss_mean):
-                    raise MCLDetError(
-                        f"loss is {loss_mean} at iteration {self.iteration + 1}; lower "
-                        f"SOLVER.BASE_LR or try without SOLVER.AMP fp16 (last good checkpoint "
-                        f"kept in {self.out})"
-                    )
+                    raise self._diverged(f"loss is {loss_mean}")
+                self.commit()  # a finite loss from the weights of the last checkpoint
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(step.loss).backward()
+                # fp16: the GradScaler skips steps with inf/nan gradients (and lowers its scale)
+                if not self.scaler.is_enabled() and not self._grads_finite():
+                    raise self._diverged(f"the gradients hold inf/nan (loss {loss_mean:.4g})")
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.cohort.after_step(step.state)
@@ -313,6 +433,11 @@ class Trainer:
                 self._epoch_end_or_checkpoint(done)
                 if done:
                     break
+                if stop is not None and stop.requested(sync=True):  # all ranks, same iteration
+                    path = self._checkpoint_now()
+                    raise stop.preempted(
+                        f"checkpoint {path} written after iteration {self.iteration}"
+                    )
         progress.close()
         self.logger.close()
         return {
@@ -338,8 +463,18 @@ class Trainer:
             rec[f"loss_{name}"] = float(du.all_reduce_mean(v.detach())) if v is not None else None
         self.logger.write(rec)
 
+    def _checkpoint_now(self) -> Path:
+        """``checkpoint_last.pth`` of this iteration in place, now (a stop was requested)."""
+        written = {path.name for _, path in self._untested}
+        self.commit()
+        if LAST not in written:
+            self.save(LAST)
+        return self.out / LAST
+
     def _epoch_end_or_checkpoint(self, done: bool) -> None:
+        # checkpoints before the end wait for the next iteration's loss (see commit)
         cfg = self.cfg
+        untested = not done
         if self.iteration % self.iters_per_epoch == 0:  # end of an epoch
             ep = self.iteration // self.iters_per_epoch
             if cfg.MONITOR.EVAL_PERIOD > 0 and (ep % cfg.MONITOR.EVAL_PERIOD == 0 or done):
@@ -348,12 +483,12 @@ class Trainer:
                 self.model.train()
             snap = cfg.SOLVER.EPOCH_SNAPSHOT_PERIOD
             if snap > 0 and (ep % snap == 0 or done):
-                self.save(f"checkpoint_ep{ep:04d}.pth")
-            self.save(LAST)
+                self.save(f"checkpoint_ep{ep:04d}.pth", untested)
+            self.save(LAST, untested)
         elif done or (
             cfg.SOLVER.CHECKPOINT_PERIOD > 0 and self.iteration % cfg.SOLVER.CHECKPOINT_PERIOD == 0
         ):
-            self.save(LAST)
+            self.save(LAST, untested)
 
 
 def train(cfg, resume: bool = False) -> dict[str, Any]:
@@ -366,20 +501,42 @@ def train(cfg, resume: bool = False) -> dict[str, Any]:
 
 
 def _worker_train(cfg_yaml: str, resume: bool) -> None:
-    """Body of one spawned process: user errors end that process with one line, exit 2."""
-    import sys
-
+    """Body of one spawned process: a user error ends it with one line (exit 2), a requested
+    stop with exit 75 after the checkpoint, Ctrl-C quietly (the launcher reports it)."""
     from yacs.config import CfgNode
 
     cfg = CfgNode.load_cfg(cfg_yaml)
     cfg.freeze()
     try:
-        train(cfg, resume)
+        with preempt.handle_preemption():
+            train(cfg, resume)
     except MCLDetError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except preempt.Preempted as e:
+        if du.get_rank() == 0:
+            print(f"preempted: {e}", file=sys.stderr, flush=True)
+        sys.exit(preempt.EXIT_PREEMPTED)
+    except KeyboardInterrupt:
+        sys.exit(preempt.EXIT_INTERRUPTED)
     finally:
         du.cleanup_distributed()
+
+
+def _same_run(cfg):
+    """For ``--auto-resume``: None when OUTPUT_DIR/config.yaml describes this run, else what
+    differs (a requeued job continues only its own run)."""
+
+    def check(out: Path) -> str | None:
+        saved = out / "config.yaml"
+        try:
+            changes = config_changes(saved.read_text(), cfg) if saved.is_file() else []
+        except (OSError, yaml.YAMLError):
+            return f"{saved} is unreadable"
+        shown = ", ".join(changes[:3])
+        return shown + (f" (+{len(changes) - 3} more)" if len(changes) > 3 else "") or None
+
+    return check
 
 
 def launch_training(
@@ -387,23 +544,64 @@ def launch_training(
     opts: list[str] | None = None,
     cohort: int | None = None,
     amp: str | None = None,
-    resume: bool = False,
+    mode: str = "new",
     num_procs: int = 1,
 ) -> dict[str, Any] | None:
-    """Resolve the config (errors surface before anything starts) and train in 1..N processes.
+    """Resolve the config, take OUTPUT_DIR (errors surface before anything starts) and train in
+    1..N processes.
 
+    ``mode`` (``mcl_det.utils.rundir.RUN_MODES``): ``new`` refuses an OUTPUT_DIR holding another
+    run, ``resume`` continues it, ``auto`` continues this run's checkpoint if there is one (else
+    starts), ``overwrite`` deletes the earlier run's outputs first. Under torchrun every rank
+    calls this; rank 0 holds the folder and its decision is broadcast in the Trainer.
     Returns the run summary in a single process (None when several processes were spawned).
     """
     cfg = setup_pretrain_cfg(config_file, opts, cohort, amp)
-    if num_procs <= 1:
-        try:
-            return train(cfg, resume)
-        finally:
-            du.cleanup_distributed()
+    run_dir = None
+    if int(os.environ.get("RANK", "0")) == 0:
+        run_dir = open_run_dir(
+            cfg.OUTPUT_DIR,
+            mode,
+            RUN_OUTPUTS,
+            checkpoints=RUN_CHECKPOINTS,
+            run_differs=_same_run(cfg),
+        )
+        for f in run_dir.removed_tmp:
+            print(f"removed a stale temporary file: {f}", file=sys.stderr, flush=True)
+        resume = run_dir.resume
+    else:
+        check_output_path(cfg.OUTPUT_DIR, "dir", "OUTPUT_DIR")
+        resume = mode == "resume"  # replaced by rank 0's decision
     try:
-        du.launch(_worker_train, num_procs, (cfg.dump(), resume))
+        if num_procs <= 1:
+            try:
+                with preempt.handle_preemption():
+                    return train(cfg, resume)
+            finally:
+                du.cleanup_distributed()
+        return _spawn(cfg, resume, num_procs)
+    finally:
+        if run_dir is not None:
+            run_dir.release()
+
+
+def _spawn(cfg, resume: bool, num_procs: int) -> None:
+    """``--num-gpus N``: N local processes; stop signals are passed on to them."""
+    import multiprocessing
+
+    children = multiprocessing.active_children
+    try:
+        with preempt.forward_signals(lambda: [c.pid for c in children()]):
+            du.launch(_worker_train, num_procs, (cfg.dump(), resume))
+    except torch.multiprocessing.ProcessExitedException as e:
+        if e.exit_code == preempt.EXIT_PREEMPTED:
+            raise preempt.Preempted(
+                f"worker processes stopped with a checkpoint in {cfg.OUTPUT_DIR}"
+            ) from None
+        raise MCLDetError(
+            f"a training process failed (exit code {e.exit_code}); see the lines above"
+        ) from None
     except Exception as e:  # a child already printed its own error line
         raise MCLDetError(
             f"a training process failed ({type(e).__name__}); see the lines above"
         ) from None
-    return None

@@ -23,6 +23,7 @@ from ..config import merge_cfg, save_cfg
 from ..utils.errors import MCLDetError
 from ..utils.io import atomic_write_json
 from ..utils.malloc import keep_freed_memory
+from ..utils.rundir import check_output_path
 from .checkpoint import load_checkpoint, member_state
 from .config import get_pretrain_cfg
 from .data import InputPipeline, SafeImageFolder, eval_transform, resolve_data_root
@@ -63,7 +64,11 @@ def run_linear_eval(
     unsafe_load: bool = False,
 ) -> dict[str, Any]:
     """Train a linear classifier on member ``member``'s frozen backbone; returns/writes top-1.
-    ``unsafe_load`` unpickles a checkpoint that holds more than tensors and plain values."""
+    ``output_dir`` (default: ``linear_eval_member{member}`` next to the checkpoint) is checked
+    before anything is loaded. ``unsafe_load`` unpickles a checkpoint that holds more than
+    tensors and plain values."""
+    out = Path(output_dir or Path(ckpt_path).parent / f"linear_eval_member{member}")
+    check_output_path(out, "dir", "--output-dir")
     ckpt = load_checkpoint(ckpt_path, unsafe=unsafe_load, opt_in="--unsafe-load")
     cfg = linear_eval_cfg(ckpt, config_file, list(opts or []))
     torch.manual_seed(cfg.SEED)
@@ -138,7 +143,6 @@ def run_linear_eval(
         "backbone_unchanged": True,
         "wall_time_s": round(time.time() - t0, 2),
     }
-    out = Path(output_dir or Path(ckpt_path).parent / f"linear_eval_member{member}")
     save_cfg(cfg, out / "config.yaml")
     atomic_write_json(out / "linear_eval.json", result)
     return result
