@@ -153,23 +153,6 @@ def bench_cpu(args) -> dict:
     }
 
 
-def _train_step(trainer, batch, device_stage: bool) -> None:
-    """One iteration of ``Trainer.train`` without its logging, lr update and checkpoints: the
-    device stage (real batches only), the cohort's training step, the loss read back (a host
-    sync, as the Trainer's finiteness check), backward, optimizer step, after-step update."""
-    from mcl_det.pretrain import distributed as du
-
-    if device_stage:
-        batch = trainer.pipeline.device_stage(batch)
-    step = trainer.cohort.training_step(trainer.forward, batch)
-    float(du.all_reduce_mean(step.loss.detach()))
-    trainer.optimizer.zero_grad(set_to_none=True)
-    trainer.scaler.scale(step.loss).backward()
-    trainer.scaler.step(trainer.optimizer)
-    trainer.scaler.update()
-    trainer.cohort.after_step(step.state)
-
-
 def _loader_batches(trainer) -> Iterator:
     """The run's loader batches, epoch after epoch, as ``Trainer.train`` iterates them."""
     for epoch in itertools.count():
@@ -181,14 +164,14 @@ def _images_per_s(trainer, batches: Iterator, s: dict, device_stage: bool) -> tu
     """(images/s over the timed steps, seconds of them spent waiting for the next batch)."""
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
     for _ in range(s["warmup"]):
-        _train_step(trainer, next(batches), device_stage)
+        trainer.train_step(next(batches), device_stage)
     sync()
     t0, wait = time.perf_counter(), 0.0
     for _ in range(s["steps"]):
         t = time.perf_counter()
         batch = next(batches)
         wait += time.perf_counter() - t
-        _train_step(trainer, batch, device_stage)
+        trainer.train_step(batch, device_stage)
     sync()
     return s["steps"] * s["batch"] / (time.perf_counter() - t0), wait
 

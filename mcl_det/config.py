@@ -62,3 +62,55 @@ def _clean(e: BaseException) -> str:
 def save_cfg(cfg: CfgNode, path: str | os.PathLike) -> None:
     """Write the resolved config next to an output, atomically."""
     atomic_write_text(path, cfg.dump())
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def config_changes(
+    old_yaml: str, cfg: CfgNode, ignore: Sequence[str] = ("OUTPUT_DIR",)
+) -> list[str]:
+    """``KEY: old -> new`` for every setting of ``cfg`` that differs from the config saved as
+    ``old_yaml`` (a checkpoint's, or OUTPUT_DIR/config.yaml), keys in ``ignore`` aside: a resumed
+    run says what it does differently from the run it continues."""
+    import yaml
+
+    old = _flat(yaml.safe_load(old_yaml) or {})
+    new = _flat(yaml.safe_load(cfg.dump()) or {})
+    return [
+        f"{k}: {old.get(k)} -> {new.get(k)}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k) and k not in ignore
+    ]
+
+
+def same_run_check(
+    cfgs: Sequence[CfgNode], ignore: Sequence[str] = ("OUTPUT_DIR",)
+) -> Callable[[object], str | None]:
+    """For ``--auto-resume`` (``open_run_dir(run_differs=...)``): None when each config's saved
+    ``OUTPUT_DIR/config.yaml`` (where there is one) describes that run, else what differs; a
+    requeued job continues only its own run."""
+    import yaml
+
+    def check(_path: object) -> str | None:
+        for c in cfgs:
+            saved = os.path.join(c.OUTPUT_DIR, "config.yaml")
+            if not os.path.isfile(saved):
+                continue
+            try:
+                with open(saved, encoding="utf-8") as f:
+                    changes = config_changes(f.read(), c, ignore)
+            except (OSError, yaml.YAMLError):
+                return f"{saved} is unreadable"
+            if changes:
+                more = f" (+{len(changes) - 3} more)" if len(changes) > 3 else ""
+                return ", ".join(changes[:3]) + more
+        return None
+
+    return check

@@ -105,6 +105,29 @@ def test_eval_crop_out_of_range_is_a_user_error(value):
         setup_pretrain_cfg(None, ["DATA.EVAL_CROP", value])
 
 
+@pytest.mark.parametrize("value", ["(0.5,)", "(0.6, 0.5)", "(0.0, 1.0)", "(0.5, 1.2)"])
+def test_sup_crop_scale_out_of_range_is_a_user_error(value):
+    with pytest.raises(MCLDetError, match="DATA.SUP_CROP_SCALE"):
+        setup_pretrain_cfg(None, ["DATA.SUP_CROP_SCALE", value])
+
+
+def test_sup_crop_scale_reaches_the_supervised_crops():
+    from torchvision import transforms as T
+
+    from mcl_det.pretrain.data import InputPipeline
+
+    cfg = setup_pretrain_cfg(None, ["MODE", "supervised", "DATA.SUP_CROP_SCALE", "(0.5, 1.0)"])
+    for kind in ("pil", "device"):
+        cfg.defrost()
+        cfg.DATA.PIPELINE = kind
+        crops = [
+            t
+            for t in InputPipeline(cfg, torch.device("cpu")).train_transform.transforms
+            if isinstance(t, T.RandomResizedCrop)
+        ]
+        assert len(crops) == 1 and tuple(crops[0].scale) == (0.5, 1.0), kind
+
+
 def test_eval_crop_one_keeps_the_whole_image():
     """EVAL_CROP 1.0: resize only, so a frame-filling object keeps its border pixels; 0.875 cuts
     1/16 of the side from each edge (ImageNet's 224 <- 256)."""

@@ -20,10 +20,11 @@ import torch
 from clitools import run_tool
 from PIL import Image
 
+from mcl_det.config import config_changes
 from mcl_det.data.toy import make_toy_imagenet
 from mcl_det.pretrain.checkpoint import load_checkpoint
 from mcl_det.pretrain.config import setup_pretrain_cfg
-from mcl_det.pretrain.engine import UNTESTED, config_changes, train
+from mcl_det.pretrain.engine import UNTESTED, train
 from mcl_det.utils.errors import MCLDetError
 from mcl_det.utils.io import sha256_file
 from mcl_det.utils.preempt import EXIT_INTERRUPTED, EXIT_PREEMPTED

@@ -30,7 +30,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import yaml
 from detectron2.config import CfgNode
 from detectron2.engine import (
     DefaultTrainer,
@@ -44,7 +43,7 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 from torch import nn
 
-from ..config import merge_cfg, save_cfg
+from ..config import merge_cfg, same_run_check, save_cfg
 from ..utils import preempt
 from ..utils.errors import MCLDetError
 from ..utils.io import atomic_write_json, sha256_file
@@ -537,41 +536,6 @@ def worker(args: argparse.Namespace) -> list[dict]:
     return out
 
 
-def _flat(node: Any, prefix: str = "") -> dict:
-    if isinstance(node, dict):
-        out = {}
-        for k, v in node.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: node}
-
-
-def _same_run(cfgs: list[CfgNode]):
-    """For --auto-resume: None when the folders' saved config.yaml describe the runs about to
-    start (seed and folder aside), else the keys that differ."""
-
-    def check(_path: object) -> str | None:
-        for c in cfgs:
-            saved = os.path.join(c.OUTPUT_DIR, "config.yaml")
-            if not os.path.isfile(saved):
-                continue
-            try:
-                old = _flat(yaml.safe_load(open(saved).read()))
-            except (OSError, yaml.YAMLError):
-                return f"{saved} is unreadable"
-            new = _flat(yaml.safe_load(c.dump()))
-            diff = [
-                f"{k}: {old.get(k)} -> {new.get(k)}"
-                for k in sorted(set(old) | set(new))
-                if old.get(k) != new.get(k) and k not in ("SEED", "OUTPUT_DIR")
-            ]
-            if diff:
-                return ", ".join(diff[:3]) + (f" (+{len(diff) - 3} more)" if len(diff) > 3 else "")
-        return None
-
-    return check
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``tools/train_net.py``: parse, validate the config and OUTPUT_DIR once here, launch the
     workers (the OUTPUT_DIR lock is held by this process until they are done)."""
@@ -605,7 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             RUN_OUTPUTS,
             checkpoints=RUN_CHECKPOINTS,
             keep=[cfg.MODEL.WEIGHTS] if "://" not in cfg.MODEL.WEIGHTS else [],
-            run_differs=_same_run(trial_cfgs(cfg, args.trials)),
+            run_differs=same_run_check(trial_cfgs(cfg, args.trials), ("SEED", "OUTPUT_DIR")),
         )
         for f in run_dir.removed_tmp:
             print(f"removed a stale temporary file: {f}", file=sys.stderr)

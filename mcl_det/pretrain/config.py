@@ -80,6 +80,9 @@ def get_pretrain_cfg() -> CN:
     # evaluation views: resize to IMAGE_SIZE / EVAL_CROP, centre-crop IMAGE_SIZE (ImageNet: 0.875,
     # 224 <- 256); 1.0 keeps the whole image (small images whose object fills the frame)
     _C.DATA.EVAL_CROP = 0.875
+    # supervised training / linear evaluation: RandomResizedCrop's range of the crop's area
+    # fraction (ImageNet recipe (0.08, 1.0); milder for small images whose object fills the frame)
+    _C.DATA.SUP_CROP_SCALE = (0.08, 1.0)
     _C.DATA.AUG = "aug+"  # selfsup: "aug+" (MoCo v2) or "aug" (MoCo v1)
     _C.DATA.NUM_WORKERS = 4
     # "pil": the whole augmentation in the workers; "device": workers decode + crop (uint8), the
@@ -193,6 +196,12 @@ def setup_pretrain_cfg(
     _check_choice("SOLVER.AMP", cfg.SOLVER.AMP, AMP_MODES)
     _check_choice("SUP.NEGATIVES", cfg.SUP.NEGATIVES, SUP_NEGATIVES)
     _check_choice("LOSS.SUP_VARIANT", cfg.LOSS.SUP_VARIANT, SUP_VARIANTS)
+    scale = tuple(cfg.DATA.SUP_CROP_SCALE)
+    if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
+        raise MCLDetError(
+            f"DATA.SUP_CROP_SCALE must be (min, max) with 0 < min <= max <= 1, got {scale}: the "
+            "range of RandomResizedCrop's area fraction"
+        )
     if not 0.0 < float(cfg.DATA.EVAL_CROP) <= 1.0:
         raise MCLDetError(
             f"DATA.EVAL_CROP must be in (0, 1], got {cfg.DATA.EVAL_CROP}: 0.875 is ImageNet's "

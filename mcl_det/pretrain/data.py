@@ -78,11 +78,10 @@ class TwoCrops:
         return [self.t(img), self.t(img)]
 
 
-def supervised_transform(size: int = 224) -> T.Compose:
-    """ImageNet training recipe: RandomResizedCrop + flip."""
-    return T.Compose(
-        [T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)]
-    )
+def supervised_transform(size: int = 224, scale: Sequence[float] = (0.08, 1.0)) -> T.Compose:
+    """ImageNet training recipe: RandomResizedCrop (area fraction in ``scale``) + flip."""
+    crop = T.RandomResizedCrop(size, scale=tuple(scale))
+    return T.Compose([crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
 def eval_transform(size: int = 224, crop: float = 0.875) -> T.Compose:
@@ -174,9 +173,10 @@ def collate_encoded(batch: list) -> tuple[dict, torch.Tensor, torch.Tensor]:
     return enc, torch.tensor(labels), torch.tensor(idx)
 
 
-def uint8_supervised_transform(size: int = 224) -> T.Compose:
+def uint8_supervised_transform(size: int = 224, scale: Sequence[float] = (0.08, 1.0)) -> T.Compose:
     """CPU stage of supervised training and linear evaluation (crop and flip are cheap here)."""
-    return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.PILToTensor()])
+    crop = T.RandomResizedCrop(size, scale=tuple(scale))
+    return T.Compose([crop, T.RandomHorizontalFlip(), T.PILToTensor()])
 
 
 def resolve_pipeline(cfg, device: torch.device, mode: str | None = None) -> str:
@@ -223,9 +223,9 @@ class InputPipeline:
         elif mode == "selfsup":
             self.train_transform = CropViews(self.recipe)
         elif self.kind == "pil":
-            self.train_transform = supervised_transform(self.size)
+            self.train_transform = supervised_transform(self.size, cfg.DATA.SUP_CROP_SCALE)
         else:
-            self.train_transform = uint8_supervised_transform(self.size)
+            self.train_transform = uint8_supervised_transform(self.size, cfg.DATA.SUP_CROP_SCALE)
 
     def views(self, batch_views) -> list[torch.Tensor]:
         """The device stage of the self-supervised views: normalised float batches on the device."""

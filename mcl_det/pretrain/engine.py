@@ -25,12 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from fvcore.common.param_scheduler import CosineParamScheduler, MultiStepParamScheduler
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..config import save_cfg
+from ..config import config_changes, same_run_check, save_cfg
 from ..utils import preempt
 from ..utils.errors import MCLDetError
 from ..utils.malloc import keep_freed_memory
@@ -59,29 +58,6 @@ RUN_CHECKPOINTS = (LAST,)
 # A checkpoint not yet confirmed by the next iteration's loss. The name fits the temporary-file
 # pattern that open_run_dir removes at the next start (".NAME.<8 chars>.tmp").
 UNTESTED = ".{}.untested.tmp"
-CONFIG_IGNORED = ("OUTPUT_DIR",)  # may differ between a run and its resumed continuation
-
-
-def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict):
-        out: dict[str, Any] = {}
-        for k, v in node.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: node}
-
-
-def config_changes(old_yaml: str, cfg) -> list[str]:
-    """``KEY: old -> new`` for every setting of ``cfg`` that differs from the config saved as
-    ``old_yaml`` (a checkpoint's or OUTPUT_DIR/config.yaml), OUTPUT_DIR aside: a resumed run
-    says what it does differently from the run it continues."""
-    old = _flat(yaml.safe_load(old_yaml) or {})
-    new = _flat(yaml.safe_load(cfg.dump()) or {})
-    return [
-        f"{k}: {old.get(k)} -> {new.get(k)}"
-        for k in sorted(set(old) | set(new))
-        if old.get(k) != new.get(k) and k not in CONFIG_IGNORED
-    ]
 
 
 def autocast_ctx(cfg, device: torch.device):
@@ -410,20 +386,7 @@ class Trainer:
             self.sampler.set_epoch(epoch, self.iteration % self.iters_per_epoch)
             for batch in self.loader:
                 lr = self._set_lr()
-                batch = self.pipeline.device_stage(batch)
-                step = self.cohort.training_step(self.forward, batch)
-                loss_mean = float(du.all_reduce_mean(step.loss.detach()))
-                if not math.isfinite(loss_mean):
-                    raise self._diverged(f"loss is {loss_mean}")
-                self.commit()  # a finite loss from the weights of the last checkpoint
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(step.loss).backward()
-                # fp16: the GradScaler skips steps with inf/nan gradients (and lowers its scale)
-                if not self.scaler.is_enabled() and not self._grads_finite():
-                    raise self._diverged(f"the gradients hold inf/nan (loss {loss_mean:.4g})")
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.cohort.after_step(step.state)
+                step, loss_mean = self.train_step(batch)
                 self.iteration += 1
                 last_loss = loss_mean
                 if self.iteration % cfg.MONITOR.LOG_PERIOD == 0 or self.iteration == self.stop_iter:
@@ -448,6 +411,28 @@ class Trainer:
             "wall_time_s": round(time.time() - t_start, 2),
             "skipped_images": self.train_set.num_skipped,
         }
+
+    def train_step(self, batch, device_stage: bool = True) -> tuple[Any, float]:
+        """One optimisation step on a loader batch: the input pipeline's device stage (skip it
+        for batches already on the device), the cohort's training step, the finiteness checks,
+        backward, optimizer and the cohort's after-step update. Returns the cohort's ``Step`` and
+        the loss averaged over ranks; lr, logging and checkpoints are the loop's."""
+        if device_stage:
+            batch = self.pipeline.device_stage(batch)
+        step = self.cohort.training_step(self.forward, batch)
+        loss_mean = float(du.all_reduce_mean(step.loss.detach()))
+        if not math.isfinite(loss_mean):
+            raise self._diverged(f"loss is {loss_mean}")
+        self.commit()  # a finite loss from the weights of the last checkpoint
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(step.loss).backward()
+        # fp16: the GradScaler skips steps with inf/nan gradients (and lowers its scale)
+        if not self.scaler.is_enabled() and not self._grads_finite():
+            raise self._diverged(f"the gradients hold inf/nan (loss {loss_mean:.4g})")
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.cohort.after_step(step.state)
+        return step, loss_mean
 
     def _log(self, epoch: int, loss: float, lr: float, terms: dict, progress: Progress) -> None:
         rec = {
@@ -523,22 +508,6 @@ def _worker_train(cfg_yaml: str, resume: bool) -> None:
         du.cleanup_distributed()
 
 
-def _same_run(cfg):
-    """For ``--auto-resume``: None when OUTPUT_DIR/config.yaml describes this run, else what
-    differs (a requeued job continues only its own run)."""
-
-    def check(out: Path) -> str | None:
-        saved = out / "config.yaml"
-        try:
-            changes = config_changes(saved.read_text(), cfg) if saved.is_file() else []
-        except (OSError, yaml.YAMLError):
-            return f"{saved} is unreadable"
-        shown = ", ".join(changes[:3])
-        return shown + (f" (+{len(changes) - 3} more)" if len(changes) > 3 else "") or None
-
-    return check
-
-
 def launch_training(
     config_file: str | None,
     opts: list[str] | None = None,
@@ -564,7 +533,7 @@ def launch_training(
             mode,
             RUN_OUTPUTS,
             checkpoints=RUN_CHECKPOINTS,
-            run_differs=_same_run(cfg),
+            run_differs=same_run_check([cfg]),
         )
         for f in run_dir.removed_tmp:
             print(f"removed a stale temporary file: {f}", file=sys.stderr, flush=True)
