@@ -17,13 +17,16 @@ TRAIN_NET = str(ROOT / "tools" / "train_net.py")
 VOC_MCL = str(ROOT / "detection_configs" / "voc_faster_rcnn_mcl.yaml")
 # The documented toy overrides of the real VOC config (README): ResNet-18, small inputs, 2 steps.
 TOY = [
-    "MODEL.WEIGHTS", "", "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
-    "DATASETS.TRAIN", "('voc_2007_trainval',)", "INPUT.MIN_SIZE_TRAIN", "(96,)",
-    "INPUT.MIN_SIZE_TEST", "96", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2",
-    "SOLVER.STEPS", "(1,)", "SOLVER.WARMUP_ITERS", "1", "TEST.PRECISE_BN.NUM_ITER", "2",
-    "DATALOADER.NUM_WORKERS", "0", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
-    "MODEL.RPN.POST_NMS_TOPK_TEST", "100",
-]  # fmt: skip
+    "MODEL.WEIGHTS",
+    "",  # random init
+    *(
+        "MODEL.RESNETS.DEPTH 18 MODEL.RESNETS.RES2_OUT_CHANNELS 64 "
+        "DATASETS.TRAIN ('voc_2007_trainval',) INPUT.MIN_SIZE_TRAIN (96,) INPUT.MIN_SIZE_TEST 96 "
+        "SOLVER.IMS_PER_BATCH 2 SOLVER.MAX_ITER 2 SOLVER.STEPS (1,) SOLVER.WARMUP_ITERS 1 "
+        "TEST.PRECISE_BN.NUM_ITER 2 DATALOADER.NUM_WORKERS 0 "
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE 32 MODEL.RPN.POST_NMS_TOPK_TEST 100"
+    ).split(),
+]
 
 
 def _run(args, data_root, tmp_path):
