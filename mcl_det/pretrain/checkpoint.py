@@ -1,8 +1,9 @@
 """The pretraining checkpoint format, ``mcl_det.pretrain/v1`` (layout in docs/DESIGN.md).
 
-This module is the one place that knows the format: its tag, the layout of the saved dict, where
-a member's backbone lives (``member_state``) and how RNG states are stored. Writers and readers
-(pretraining resume, the converter, linear evaluation) go through it.
+This module is the one place that knows the format: its tag, the layout of the saved dict and
+where a member's backbone lives (``member_state``); the RNG states in it are laid out by
+``mcl_det.utils.rng``. Writers and readers (pretraining resume, the converter, linear evaluation)
+go through it.
 
 Everything needed to continue bit-for-bit on CPU is in the file: every member (query encoders,
 momentum encoders, heads, classifiers), the queues or banks, optimizer, lr schedule position, AMP
