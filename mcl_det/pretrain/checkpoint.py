@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from yacs.config import CfgNode
 
 from ..utils.errors import MCLDetError
 from ..utils.io import atomic_torch_save, load_torch
@@ -85,7 +86,7 @@ def _plain(obj: Any, where: str) -> Any:
     raise TypeError(f"checkpoint value {where} is a {type(obj).__name__}; store plain values")
 
 
-def save_checkpoint(path: str | os.PathLike, cohort: nn.Module, cfg, **state: Any) -> None:
+def save_checkpoint(path: str | os.PathLike, cohort: nn.Module, cfg: CfgNode, **state: Any) -> None:
     """Write the checkpoint atomically. ``state``: epoch, iteration, optimizer, scheduler, scaler,
     member_metrics and any extra resume state (tensors and plain values only)."""
     cohort = unwrap(cohort)
