@@ -7,7 +7,7 @@ every yacs/fvcore failure is turned into one clear ``MCLDetError`` line.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from yacs.config import CfgNode
@@ -64,13 +64,16 @@ def save_cfg(cfg: CfgNode, path: str | os.PathLike) -> None:
     atomic_write_text(path, cfg.dump())
 
 
-def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict):
-        out: dict[str, Any] = {}
-        for k, v in node.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: node}
+def flat_cfg(node: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"MODEL.RESNETS.DEPTH": 50, ...}``: every leaf of a nested config (a CfgNode or the dict
+    of a loaded YAML), in the config's order."""
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        if isinstance(v, Mapping):
+            out.update(flat_cfg(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def config_changes(
@@ -81,8 +84,8 @@ def config_changes(
     run says what it does differently from the run it continues."""
     import yaml
 
-    old = _flat(yaml.safe_load(old_yaml) or {})
-    new = _flat(yaml.safe_load(cfg.dump()) or {})
+    old = flat_cfg(yaml.safe_load(old_yaml) or {})
+    new = flat_cfg(yaml.safe_load(cfg.dump()) or {})
     return [
         f"{k}: {old.get(k)} -> {new.get(k)}"
         for k in sorted(set(old) | set(new))

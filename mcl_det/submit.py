@@ -21,9 +21,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .utils.errors import MCLDetError
 from .utils.preempt import EXIT_PREEMPTED
+
+if TYPE_CHECKING:  # imported where it is used: the library imports without submitit
+    import submitit
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {"detect": "tools/train_net.py", "pretrain": "pretrain/main.py"}
@@ -104,7 +108,7 @@ class StageJob:
             raise RuntimeError(f"{self.stage} failed with exit code {rc}; see the log above")
         return rc
 
-    def checkpoint(self, *args: object, **kwargs: object):
+    def checkpoint(self, *args: object, **kwargs: object) -> submitit.helpers.DelayedSubmission:
         """submitit's preemption/timeout hook: stop the stage cleanly, then requeue this job."""
         import submitit
 
@@ -183,7 +187,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return a
 
 
-def build_executor(a: argparse.Namespace):
+def build_executor(a: argparse.Namespace) -> submitit.AutoExecutor:
     """The submitit executor for the parsed options."""
     import submitit
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from yacs.config import CfgNode
 
+from .config import flat_cfg
 from .utils.errors import MCLDetError
 
 logger = logging.getLogger(__name__)
@@ -56,15 +57,6 @@ def settings_yaml(depth: int, header: list[str]) -> str:
     """The settings as a detectron2 config fragment (``cfg.merge_from_file`` applies it) under
     a comment header marked as ours."""
     return "".join(f"{YAML_MARK} {line}\n" for line in header) + d2_settings(depth).dump()
-
-
-def _leaves(node: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """``("MODEL.RESNETS.DEPTH", 50)`` for every leaf of a nested config."""
-    for k, v in node.items():
-        if isinstance(v, Mapping):
-            yield from _leaves(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}", v
 
 
 _MISSING = object()
@@ -130,7 +122,7 @@ def check_weights_against_config(
             "tools/convert_to_d2.py to rewrite it"
         ) from None
     problems, fixes = [], []
-    for key, want in _leaves(need):
+    for key, want in flat_cfg(need).items():
         have = _get(cfg, key)
         if have is _MISSING or not _same(have, want):
             shown = "unset" if have is _MISSING else _fmt(have)

@@ -61,7 +61,9 @@ def _pkl_layout(data: Any, path: str) -> dict:
 class SafeCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` that writes atomically and loads without running code."""
 
-    def __init__(self, model: nn.Module, save_dir: str = "", *, unsafe_load: bool = False, **kw):
+    def __init__(
+        self, model: nn.Module, save_dir: str = "", *, unsafe_load: bool = False, **kw: Any
+    ) -> None:
         super().__init__(model, save_dir, **kw)
         self.unsafe_load = unsafe_load
 

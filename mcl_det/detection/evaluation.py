@@ -22,7 +22,7 @@ from collections import OrderedDict, defaultdict
 
 import numpy as np
 from detectron2.config import CfgNode
-from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, PascalVOCDetectionEvaluator
 from detectron2.evaluation.pascal_voc_evaluation import parse_rec, voc_eval
 from detectron2.utils import comm
 
@@ -49,7 +49,7 @@ class VOCEvaluator(PascalVOCDetectionEvaluator):
         super().__init__(dataset_name)
         self._is_2007 = True
 
-    def process(self, inputs, outputs) -> None:
+    def process(self, inputs: list[dict], outputs: list[dict]) -> None:
         for inp, out in zip(inputs, outputs):
             inst = out["instances"].to(self._cpu_device)
             boxes = inst.pred_boxes.tensor.numpy().astype(np.float64)
@@ -114,7 +114,9 @@ class VOCEvaluator(PascalVOCDetectionEvaluator):
         return OrderedDict(bbox=res)
 
 
-def build_evaluator(cfg: CfgNode, dataset_name: str, output_dir: str | None = None):
+def build_evaluator(
+    cfg: CfgNode, dataset_name: str, output_dir: str | None = None
+) -> DatasetEvaluator:
     """The evaluator that matches the dataset's format (VOC or COCO)."""
     if dataset_task(dataset_name) == "voc":
         return VOCEvaluator(dataset_name)

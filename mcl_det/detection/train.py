@@ -38,6 +38,7 @@ from detectron2.engine import (
     default_setup,
     launch,
 )
+from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
@@ -156,7 +157,7 @@ class Trainer(DefaultTrainer):
         )
         return super().build_hooks()
 
-    def train(self):
+    def train(self) -> dict[str, Any] | None:
         loop_logger = logging.getLogger("detectron2.engine.train_loop")
         loop_logger.addFilter(_no_user_error_traceback)
         try:
@@ -172,7 +173,9 @@ class Trainer(DefaultTrainer):
         return model
 
     @classmethod
-    def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
+    def build_evaluator(
+        cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None
+    ) -> DatasetEvaluator:
         out = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return build_evaluator(cfg, dataset_name, out)
 

@@ -1,8 +1,9 @@
 """The pretraining checkpoint format, ``mcl_det.pretrain/v1`` (layout in docs/DESIGN.md).
 
-This module is the one place that knows the format: its tag, the layout of the saved dict, where
-a member's backbone lives (``member_state``) and how RNG states are stored. Writers and readers
-(pretraining resume, the converter, linear evaluation) go through it.
+This module is the one place that knows the format: its tag, the layout of the saved dict and
+where a member's backbone lives (``member_state``); the RNG states in it are laid out by
+``mcl_det.utils.rng``. Writers and readers (pretraining resume, the converter, linear evaluation)
+go through it.
 
 Everything needed to continue bit-for-bit on CPU is in the file: every member (query encoders,
 momentum encoders, heads, classifiers), the queues or banks, optimizer, lr schedule position, AMP
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from yacs.config import CfgNode
 
 from ..utils.errors import MCLDetError
 from ..utils.io import atomic_torch_save, load_torch
@@ -84,7 +86,7 @@ def _plain(obj: Any, where: str) -> Any:
     raise TypeError(f"checkpoint value {where} is a {type(obj).__name__}; store plain values")
 
 
-def save_checkpoint(path: str | os.PathLike, cohort: nn.Module, cfg, **state: Any) -> None:
+def save_checkpoint(path: str | os.PathLike, cohort: nn.Module, cfg: CfgNode, **state: Any) -> None:
     """Write the checkpoint atomically. ``state``: epoch, iteration, optimizer, scheduler, scaler,
     member_metrics and any extra resume state (tensors and plain values only)."""
     cohort = unwrap(cohort)

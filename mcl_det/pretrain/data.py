@@ -9,7 +9,7 @@ in the middle of an epoch sees exactly the batches it would have seen without th
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import functional as TF
 from torchvision.transforms.v2 import functional as TF2
+from yacs.config import CfgNode
 
 from ..data.toy import make_toy_imagenet
 from ..utils.errors import MCLDetError
@@ -179,7 +180,7 @@ def uint8_supervised_transform(size: int = 224, scale: Sequence[float] = (0.08, 
     return T.Compose([crop, T.RandomHorizontalFlip(), T.PILToTensor()])
 
 
-def resolve_pipeline(cfg, device: torch.device, mode: str | None = None) -> str:
+def resolve_pipeline(cfg: CfgNode, device: torch.device, mode: str | None = None) -> str:
     """DATA.PIPELINE -> "pil" or "device" (validated here, once, before anything starts).
 
     ``auto`` is ``device`` when training on CUDA (the point of it: the workers stop being the
@@ -208,7 +209,7 @@ class InputPipeline:
     training step does on the device (:meth:`views` for the two self-supervised views,
     :meth:`images` for supervised batches)."""
 
-    def __init__(self, cfg, device: torch.device, mode: str | None = None) -> None:
+    def __init__(self, cfg: CfgNode, device: torch.device, mode: str | None = None) -> None:
         mode = mode or cfg.MODE  # linear evaluation uses the supervised input of any run
         self.kind = resolve_pipeline(cfg, device, mode)
         self.mode = mode
@@ -227,7 +228,7 @@ class InputPipeline:
         else:
             self.train_transform = uint8_supervised_transform(self.size, cfg.DATA.SUP_CROP_SCALE)
 
-    def views(self, batch_views) -> list[torch.Tensor]:
+    def views(self, batch_views: Sequence | dict) -> list[torch.Tensor]:
         """The device stage of the self-supervised views: normalised float batches on the device."""
         if self.kind == "pil":
             return [v.to(self.device, non_blocking=True) for v in batch_views]
@@ -272,7 +273,13 @@ class SafeImageFolder(Dataset):
     Samples stay sorted by class (contiguous class blocks), which the bank sampler relies on.
     """
 
-    def __init__(self, root: str | os.PathLike, transform=None, seed: int = 0, scan: bool = True):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        transform: Callable | None = None,
+        seed: int = 0,
+        scan: bool = True,
+    ) -> None:
         root = Path(root)
         if not root.is_dir():
             raise MCLDetError(
@@ -349,7 +356,7 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return (seed * 1_000_003 + (epoch + 1) * 7_919_111 + index) % 2**62
 
 
-def resolve_data_root(cfg) -> Path:
+def resolve_data_root(cfg: CfgNode) -> Path:
     """DATA.ROOT, or the generated toy ImageFolder when it is "" / "toy"."""
     root = str(cfg.DATA.ROOT)
     if root in ("", "toy"):

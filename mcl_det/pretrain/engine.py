@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ import torch
 from fvcore.common.param_scheduler import CosineParamScheduler, MultiStepParamScheduler
 from torch import nn
 from torch.utils.data import DataLoader
+from yacs.config import CfgNode
 
 from ..config import config_changes, same_run_check, save_cfg
 from ..utils import preempt
@@ -60,7 +61,7 @@ RUN_CHECKPOINTS = (LAST,)
 UNTESTED = ".{}.untested.tmp"
 
 
-def autocast_ctx(cfg, device: torch.device):
+def autocast_ctx(cfg: CfgNode, device: torch.device) -> AbstractContextManager:
     """bf16 / fp16 autocast for the networks; the cohorts compute their losses in fp32."""
     if not cfg.SOLVER.AMP:
         return nullcontext()
@@ -82,7 +83,7 @@ def epoch_steps(
     return lambda epoch: schedule(min(epoch, epochs - 1) / epochs)
 
 
-def lr_schedule(cfg, iters_per_epoch: int) -> Callable[[int], float]:
+def lr_schedule(cfg: CfgNode, iters_per_epoch: int) -> Callable[[int], float]:
     """Learning rate by iteration: linear scaling by batch, then cosine (per iteration, over
     SOLVER.EPOCHS) or step (per epoch). A pure function of the iteration: resume is exact."""
     s = cfg.SOLVER
@@ -98,7 +99,7 @@ def lr_schedule(cfg, iters_per_epoch: int) -> Callable[[int], float]:
 class Trainer:
     """Owns the cohort, data, optimizer and state of one pretraining run (rank-aware)."""
 
-    def __init__(self, cfg, resume: bool = False) -> None:
+    def __init__(self, cfg: CfgNode, resume: bool = False) -> None:
         self.cfg = cfg
         self.archs = member_archs(cfg)
         dev_type = pick_device(cfg.DEVICE).type  # nccl for cuda, gloo for cpu
@@ -412,7 +413,7 @@ class Trainer:
             "skipped_images": self.train_set.num_skipped,
         }
 
-    def train_step(self, batch, device_stage: bool = True) -> tuple[Any, float]:
+    def train_step(self, batch: tuple, device_stage: bool = True) -> tuple[Any, float]:
         """One optimisation step on a loader batch: the input pipeline's device stage (skip it
         for batches already on the device), the cohort's training step, the finiteness checks,
         backward, optimizer and the cohort's after-step update. Returns the cohort's ``Step`` and
@@ -476,7 +477,7 @@ class Trainer:
             self.save(LAST, untested)
 
 
-def train(cfg, resume: bool = False) -> dict[str, Any]:
+def train(cfg: CfgNode, resume: bool = False) -> dict[str, Any]:
     """Run (or resume) one pretraining job described by a resolved config."""
     trainer = Trainer(cfg, resume=resume)
     try:
@@ -554,7 +555,7 @@ def launch_training(
             run_dir.release()
 
 
-def _spawn(cfg, resume: bool, num_procs: int) -> None:
+def _spawn(cfg: CfgNode, resume: bool, num_procs: int) -> None:
     """``--num-gpus N``: N local processes; stop signals are passed on to them."""
     import multiprocessing
 

@@ -84,7 +84,7 @@ def mcl_loss_terms(
     """The needed MCL terms (default: all four) from the cohort's pair logits, fp32 or wider.
 
     logits: MxMxNxL (cell [a, b] = s(a->b), positive at column 0) or MxNxL (the diagonal only,
-    enough without icl / soft_icl); a nested M x M list (``bank_logits``) is stacked first.
+    enough without icl / soft_icl); a nested M x M list of NxL cells is stacked first.
     Returns a scalar per needed term; the others are neither computed nor returned. CE is the
     batch mean, KL the batch mean times T^2; the sums over members / pairs are plain sums.
     """

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
+from yacs.config import CfgNode
 
 from ..utils.errors import MCLDetError
 from . import distributed as dist_utils
@@ -155,7 +156,9 @@ class SelfSupCohort(nn.Module):
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
     @classmethod
-    def from_config(cls, cfg, num_classes: int = 0, targets: Sequence[int] = ()) -> SelfSupCohort:
+    def from_config(
+        cls, cfg: CfgNode, num_classes: int = 0, targets: Sequence[int] = ()
+    ) -> SelfSupCohort:
         m = cfg.MODEL
         return cls(
             m.ARCHS,
@@ -205,7 +208,7 @@ class SelfSupCohort(nn.Module):
             terms = losses.mcl_loss_terms(logits, self.T, self.needed)
             return losses.combine(terms, self.weights), terms
 
-    def training_step(self, forward: Forward, batch) -> Step:
+    def training_step(self, forward: Forward, batch: tuple) -> Step:
         (x_q, x_k), _, _ = batch
         qs, ks = forward(x_q, x_k)
         loss, terms = self.loss(qs, ks)
@@ -229,7 +232,14 @@ class SelfSupCohort(nn.Module):
         self.queue_ptr.fill_((ptr + b) % size)
 
     @torch.no_grad()
-    def evaluate(self, cfg, train_set: SafeImageFolder, val_set, device, num_classes: int):
+    def evaluate(
+        self,
+        cfg: CfgNode,
+        train_set: SafeImageFolder,
+        val_set: Dataset,
+        device: torch.device,
+        num_classes: int,
+    ) -> tuple[list[float], dict[str, Any]]:
         """Weighted-kNN top-1 of each member's backbone: train images are the memory."""
         train_eval = SafeImageFolder(
             train_set.root, eval_transform(cfg.DATA.IMAGE_SIZE, cfg.DATA.EVAL_CROP), scan=False
@@ -310,7 +320,9 @@ class SupervisedCohort(nn.Module):
         )
 
     @classmethod
-    def from_config(cls, cfg, num_classes: int, targets: Sequence[int] = ()) -> SupervisedCohort:
+    def from_config(
+        cls, cfg: CfgNode, num_classes: int, targets: Sequence[int] = ()
+    ) -> SupervisedCohort:
         m = cfg.MODEL
         cohort = cls(m.ARCHS, num_classes, m.DIM, m.HEAD_HIDDEN, **cls._loss_kwargs(cfg))
         return cohort._sync_bn(cfg)
@@ -331,7 +343,7 @@ class SupervisedCohort(nn.Module):
         """The needed MCL terms of this variant (fp32 embeddings, labels on the device)."""
         return {}
 
-    def training_step(self, forward: Forward, batch) -> Step:
+    def training_step(self, forward: Forward, batch: tuple) -> Step:
         x, y, idx = batch
         cls_logits, zs = forward(x)
         y = y.to(zs[0].device)
@@ -341,11 +353,18 @@ class SupervisedCohort(nn.Module):
         loss = self.w_ce * ce + losses.combine(terms, self.weights)
         return Step(loss, {"ce": ce, **terms}, (zs, idx))
 
-    def after_step(self, state) -> None:
+    def after_step(self, state: tuple[list[Tensor], Tensor]) -> None:
         """Nothing to update: no memory outside the networks."""
 
     @torch.no_grad()
-    def evaluate(self, cfg, train_set, val_set, device, num_classes: int):
+    def evaluate(
+        self,
+        cfg: CfgNode,
+        train_set: SafeImageFolder,
+        val_set: Dataset,
+        device: torch.device,
+        num_classes: int,
+    ) -> tuple[list[float], dict[str, Any]]:
         """Top-1 (percent) of each member's classifier and of their ensemble (mean softmax)."""
         was = self.training
         self.eval()
@@ -397,7 +416,9 @@ class BankSupervisedCohort(SupervisedCohort):
         self.bank_negatives = min(bank_negatives, int(count.sum() - count.max()))
 
     @classmethod
-    def from_config(cls, cfg, num_classes: int, targets: Sequence[int] = ()) -> SupervisedCohort:
+    def from_config(
+        cls, cfg: CfgNode, num_classes: int, targets: Sequence[int] = ()
+    ) -> SupervisedCohort:
         m, needed = cfg.MODEL, losses.needed_terms(loss_weights(cfg))
         bank_size = len(targets) if needed else 0
         cohort = cls(
@@ -424,7 +445,7 @@ class BankSupervisedCohort(SupervisedCohort):
             zs, self.banks, idx, pos, neg, self.tau, self.T, self.needed, self.variant
         )
 
-    def after_step(self, state) -> None:
+    def after_step(self, state: tuple[list[Tensor], Tensor]) -> None:
         """Lockstep bank updates with what every rank saw (gathered)."""
         if not self.needed:
             return
@@ -473,12 +494,12 @@ COHORTS: dict[tuple[str, str], type[nn.Module]] = {
 }
 
 
-def cohort_class(cfg) -> type[nn.Module]:
+def cohort_class(cfg: CfgNode) -> type[nn.Module]:
     """The method class a (validated) config asks for: MODE, and SUP.NEGATIVES when supervised."""
     return COHORTS[(cfg.MODE, cfg.SUP.NEGATIVES if cfg.MODE == "supervised" else "")]
 
 
-def build_cohort(cfg, num_classes: int = 0, targets: Sequence[int] = ()) -> nn.Module:
+def build_cohort(cfg: CfgNode, num_classes: int = 0, targets: Sequence[int] = ()) -> nn.Module:
     """Build the cohort of a resolved config (MODEL.ARCHS names every member).
 
     ``targets``: the training labels in dataset order (class-sorted), which the memory-bank

@@ -2,7 +2,8 @@
 baseline), pretraining monitors, plots.
 
 Public API:
-    build_report(inputs, baseline=None, per_class=False, reference=None, decimals=1) -> Report
+    build_report(inputs, baseline=None, per_class=False, reference=None, decimals=1)
+        -> (Report, Collection)
     render(report, fmt)  # fmt in md | csv | latex | json
     main(argv=None)      # the CLI behind tools/report.py
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -40,10 +41,15 @@ def _interrupted(e: BaseException) -> bool:
     return False
 
 
+# The temporary name of an atomic write, ".NAME.<8 random [a-z0-9_] chars>.tmp" (tempfile.mkstemp
+# with the prefix and suffix below): what remove_stale_tmp (mcl_det.utils.rundir) deletes after a
+# kill -9 left one behind.
+TMP_NAME_RE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
 def _atomic(path: str | os.PathLike, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # the temporary name is what remove_stale_tmp (mcl_det.utils.rundir) recognises after a kill -9
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; outputs follow the umask

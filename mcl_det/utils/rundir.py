@@ -19,7 +19,6 @@ from __future__ import annotations
 import fcntl
 import glob
 import os
-import re
 import shutil
 import socket
 import sys
@@ -29,11 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import MCLDetError
+from .io import TMP_NAME_RE
 
 LOCK_NAME = ".lock"
 RUN_MODES = ("new", "resume", "auto", "overwrite")
-# tempfile.mkstemp(prefix=".NAME.", suffix=".tmp") as in io._atomic: 8 random [a-z0-9_] chars
-_TMP_RE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
 
 # ----------------------------------------------------------------------------- path checks
@@ -116,7 +114,7 @@ def remove_stale_tmp(folder: str | os.PathLike, recursive: bool = False) -> list
     walker = os.walk(root) if recursive else [(str(root), [], os.listdir(root))]
     for d, _, files in walker:
         for name in files:
-            if _TMP_RE.match(name):
+            if TMP_NAME_RE.match(name):
                 f = Path(d, name)
                 try:
                     if f.is_file() and not f.is_symlink():
