@@ -114,7 +114,7 @@ class Trainer:
 
         torch.manual_seed(cfg.SEED)
         method = cohort_class(cfg)
-        self._build_data(method.balanced_batches)
+        self._build_data(method.balanced_batches, method.min_classes)
         targets = self.train_set.targets
         self.cohort = method.from_config(cfg, self.num_classes, targets).to(self.device)
         if cfg.MODEL.CHANNELS_LAST:
@@ -177,7 +177,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
 
-    def _build_data(self, balanced: bool) -> None:
+    def _build_data(self, balanced: bool, min_classes: int) -> None:
         cfg = self.cfg
         if self.main:
             root = resolve_data_root(cfg)
@@ -193,11 +193,11 @@ class Trainer:
         if self.main and self.train_set.skipped:
             print(f"warning: skipped {len(self.train_set.skipped)} unreadable training images")
         found = self.train_set.classes
-        if cfg.MODE == "supervised" and len(found) < 2:
+        if len(found) < min_classes:
             raise MCLDetError(
-                f"supervised pretraining needs at least 2 classes, but {root / cfg.DATA.TRAIN_DIR} "
-                f"holds {len(found)} ({', '.join(found)}): every loss term would be 0 and top-1 "
-                "100 %; add class folders or use MODE selfsup"
+                f"{cfg.MODE} pretraining needs at least {min_classes} classes, but "
+                f"{root / cfg.DATA.TRAIN_DIR} holds {len(found)} ({', '.join(found)}): every loss "
+                "term would be 0 and top-1 100 %; add class folders or use MODE selfsup"
             )
         self.num_classes = cfg.MODEL.NUM_CLASSES or len(self.train_set.classes)
         self.sampler = EpochBatchSampler(

@@ -174,6 +174,7 @@ class SelfSupCohort(nn.Module):
         )
 
     balanced_batches = False  # any batch will do
+    min_classes = 1  # labels are not used
 
     def _split_forward(self, fn, x: Tensor) -> Tensor:
         # each split is its own BN batch, as if the local batch were spread over bn_splits GPUs
@@ -287,6 +288,7 @@ class SupervisedCohort(nn.Module):
 
     metric = "top1"
     balanced_batches = False
+    min_classes = 2  # with one class every term is 0 and top-1 is 100 %
 
     def __init__(
         self,
