@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from clitools import run_tool
+from pretrain_toy import toy_opts, train_losses
 
 from mcl_det.data.toy import make_toy_imagenet
 from mcl_det.pretrain.checkpoint import FORMAT, load_checkpoint
@@ -25,35 +26,13 @@ def data_root(tmp_path_factory):
     return root
 
 
-def _opts(root, out, **extra):
-    o = {
-        "DATA.ROOT": str(root),
-        "DATA.IMAGE_SIZE": "32",
-        "OUTPUT_DIR": str(out),
-        "MODEL.QUEUE_SIZE": "16",
-        "MODEL.DIM": "16",
-        "SOLVER.IMS_PER_BATCH": "8",  # 24 images -> 3 iterations per epoch
-        "SOLVER.EPOCHS": "2",
-        "MONITOR.EVAL_PERIOD": "0",
-        "MONITOR.TENSORBOARD": "False",
-        "MONITOR.PROGRESS": "False",
-    }
-    o.update(extra)
-    return [x for kv in o.items() for x in kv]
-
-
-def _losses(out):
-    lines = [json.loads(x) for x in (Path(out) / "log.jsonl").read_text().splitlines()]
-    return [(r["iteration"], r["loss"]) for r in lines if r["type"] == "train"]
-
-
 @pytest.mark.parametrize("keep", [True, False])
 def test_cpu_run_keeps_freed_memory_unless_switched_off(data_root, tmp_path, monkeypatch, keep):
     from mcl_det.pretrain import engine
 
     calls = []
     monkeypatch.setattr(engine, "keep_freed_memory", lambda: calls.append(1) or True)
-    opts = _opts(data_root, tmp_path / "run", CPU_KEEP_FREED_MEMORY=str(keep), DEVICE="cpu")
+    opts = toy_opts(data_root, tmp_path / "run", CPU_KEEP_FREED_MEMORY=str(keep), DEVICE="cpu")
     engine.Trainer(setup_pretrain_cfg(TOY, opts, cohort=2))
     assert calls == ([1] if keep else [])
 
@@ -61,7 +40,7 @@ def test_cpu_run_keeps_freed_memory_unless_switched_off(data_root, tmp_path, mon
 def test_selfsup_run_writes_design_checkpoint(data_root, tmp_path):
     out = tmp_path / "run"
     extra = {"MONITOR.EVAL_PERIOD": "1", "SOLVER.EPOCH_SNAPSHOT_PERIOD": "3"}
-    cfg = setup_pretrain_cfg(TOY, _opts(data_root, out, **extra), cohort=2)
+    cfg = setup_pretrain_cfg(TOY, toy_opts(data_root, out, **extra), cohort=2)
     summary = train(cfg)
     assert summary["iteration"] == 6
     ck = load_checkpoint(out / "checkpoint_last.pth")
@@ -93,11 +72,11 @@ def test_selfsup_run_writes_design_checkpoint(data_root, tmp_path):
 def test_exact_resume_mid_epoch(data_root, tmp_path):
     """6 iterations in one go == 4 iterations, stop, --resume, 2 more: identical losses/weights."""
     full, part = tmp_path / "full", tmp_path / "part"
-    train(setup_pretrain_cfg(TOY, _opts(data_root, full), cohort=2))
-    train(setup_pretrain_cfg(TOY, _opts(data_root, part, **{"SOLVER.MAX_ITER": "4"}), cohort=2))
+    train(setup_pretrain_cfg(TOY, toy_opts(data_root, full), cohort=2))
+    train(setup_pretrain_cfg(TOY, toy_opts(data_root, part, **{"SOLVER.MAX_ITER": "4"}), cohort=2))
     assert load_checkpoint(part / "checkpoint_last.pth")["iteration"] == 4
-    train(setup_pretrain_cfg(TOY, _opts(data_root, part), cohort=2), resume=True)
-    assert _losses(full) == _losses(part)
+    train(setup_pretrain_cfg(TOY, toy_opts(data_root, part), cohort=2), resume=True)
+    assert train_losses(full) == train_losses(part)
     a = load_checkpoint(full / "checkpoint_last.pth")["model"]
     b = load_checkpoint(part / "checkpoint_last.pth")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -108,7 +87,7 @@ def test_checkpoint_round_trip(data_root, tmp_path):
     from mcl_det.pretrain.models import build_cohort
 
     out = tmp_path / "rt"
-    cfg = setup_pretrain_cfg(TOY, _opts(data_root, out, **{"SOLVER.MAX_ITER": "1"}), cohort=2)
+    cfg = setup_pretrain_cfg(TOY, toy_opts(data_root, out, **{"SOLVER.MAX_ITER": "1"}), cohort=2)
     train(cfg)
     ck = load_checkpoint(out / "checkpoint_last.pth")
     assert ck["archs"] == cfg.MODEL.ARCHS
@@ -121,7 +100,7 @@ def test_checkpoint_round_trip(data_root, tmp_path):
 @pytest.mark.parametrize("negatives", ["bank", "batch"])
 def test_supervised_variants_run_and_report_top1(data_root, tmp_path, negatives):
     out = tmp_path / negatives
-    opts = _opts(
+    opts = toy_opts(
         data_root,
         out,
         MODE="supervised",
@@ -201,16 +180,16 @@ def test_cli_bad_inputs(data_root, tmp_path):
     out = tmp_path / "corrupt"
     out.mkdir()
     (out / "checkpoint_last.pth").write_bytes(b"garbage")
-    _assert_user_error(_cli("--resume", *_opts(data_root, out)), "corrupt")
+    _assert_user_error(_cli("--resume", *toy_opts(data_root, out)), "corrupt")
 
 
 @pytest.mark.slow
 def test_cli_nan_loss_keeps_last_good_checkpoint(data_root, tmp_path):
     out = tmp_path / "nan"
-    r = _cli(*_opts(data_root, out, **{"SOLVER.MAX_ITER": "1"}))
+    r = _cli(*toy_opts(data_root, out, **{"SOLVER.MAX_ITER": "1"}))
     assert r.returncode == 0, r.stderr[-2000:]
     good = sha256_file(out / "checkpoint_last.pth")
-    r = _cli("--resume", *_opts(data_root, out, **{"SOLVER.BASE_LR": "1e30"}))
+    r = _cli("--resume", *toy_opts(data_root, out, **{"SOLVER.BASE_LR": "1e30"}))
     _assert_user_error(r, "loss is nan")
     assert sha256_file(out / "checkpoint_last.pth") == good
 
@@ -220,7 +199,7 @@ def test_linear_eval_frozen_backbone(data_root, tmp_path):
     from mcl_det.utils.errors import MCLDetError
 
     out = tmp_path / "le"
-    train(setup_pretrain_cfg(TOY, _opts(data_root, out, **{"SOLVER.MAX_ITER": "1"}), cohort=2))
+    train(setup_pretrain_cfg(TOY, toy_opts(data_root, out, **{"SOLVER.MAX_ITER": "1"}), cohort=2))
     ck = out / "checkpoint_last.pth"
     opts = ["LINEAR.EPOCHS", "2", "LINEAR.IMS_PER_BATCH", "8", "LINEAR.MAX_ITER", "4"]
     res = run_linear_eval(str(ck), 1, None, opts, str(tmp_path / "le_out"))
@@ -240,7 +219,7 @@ def test_cli_unknown_key_is_one_line_error():
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_amp_and_channels_last_switches(data_root, tmp_path, amp):
     out = tmp_path / amp
-    opts = _opts(data_root, out, **{"SOLVER.MAX_ITER": "2", "MODEL.CHANNELS_LAST": "True"})
+    opts = toy_opts(data_root, out, **{"SOLVER.MAX_ITER": "2", "MODEL.CHANNELS_LAST": "True"})
     summary = train(setup_pretrain_cfg(TOY, opts, cohort=2, amp=amp))
     assert summary["iteration"] == 2 and summary["loss"] == summary["loss"]  # finite, not NaN
     ck = load_checkpoint(out / "checkpoint_last.pth")

@@ -1,16 +1,21 @@
 """The device input pipeline (DATA.PIPELINE device, batched on the CPU here) in training runs:
 a resumed run stays bit-exact, supervised training and linear evaluation run through it."""
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from pretrain_toy import toy_opts, train_losses
 
 from mcl_det.pretrain.checkpoint import load_checkpoint
 from mcl_det.pretrain.config import setup_pretrain_cfg
 from mcl_det.pretrain.engine import train
+
+
+def _opts(root, out, **extra):
+    return toy_opts(root, out, **{"DATA.PIPELINE": "device", "DEVICE": "cpu", **extra})
+
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = str(ROOT / "pretrain" / "configs" / "toy.yaml")
@@ -28,30 +33,6 @@ def _imagefolder(root: Path, classes=4, per_class=6, size=32) -> Path:
     return root
 
 
-def _opts(root, out, **extra):
-    o = {
-        "DATA.ROOT": str(root),
-        "DATA.IMAGE_SIZE": "32",
-        "DATA.PIPELINE": "device",
-        "DEVICE": "cpu",
-        "OUTPUT_DIR": str(out),
-        "MODEL.QUEUE_SIZE": "16",
-        "MODEL.DIM": "16",
-        "SOLVER.IMS_PER_BATCH": "8",  # 24 images -> 3 iterations per epoch
-        "SOLVER.EPOCHS": "2",
-        "MONITOR.EVAL_PERIOD": "0",
-        "MONITOR.TENSORBOARD": "False",
-        "MONITOR.PROGRESS": "False",
-    }
-    o.update(extra)
-    return [x for kv in o.items() for x in kv]
-
-
-def _losses(out):
-    lines = [json.loads(x) for x in (Path(out) / "log.jsonl").read_text().splitlines()]
-    return [(r["iteration"], r["loss"]) for r in lines if r["type"] == "train"]
-
-
 def test_exact_resume_mid_epoch_device_pipeline(tmp_path):
     """6 iterations in one go == 4, stop, --resume, 2 more: identical losses and weights."""
     root = _imagefolder(tmp_path / "data")
@@ -60,14 +41,14 @@ def test_exact_resume_mid_epoch_device_pipeline(tmp_path):
     train(setup_pretrain_cfg(TOY, _opts(root, part, **{"SOLVER.MAX_ITER": "4"}), cohort=2))
     assert load_checkpoint(part / "checkpoint_last.pth")["iteration"] == 4
     train(setup_pretrain_cfg(TOY, _opts(root, part), cohort=2), resume=True)
-    assert _losses(full) == _losses(part) and len(_losses(full)) == 6
+    assert train_losses(full) == train_losses(part) and len(train_losses(full)) == 6
     a = load_checkpoint(full / "checkpoint_last.pth")["model"]
     b = load_checkpoint(part / "checkpoint_last.pth")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     # the pipeline is part of the run's recipe: another one gives other losses
     pil = tmp_path / "pil"
     train(setup_pretrain_cfg(TOY, _opts(root, pil, **{"DATA.PIPELINE": "pil"}), cohort=2))
-    assert _losses(pil) != _losses(full)
+    assert train_losses(pil) != train_losses(full)
 
 
 @pytest.mark.slow

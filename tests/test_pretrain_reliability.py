@@ -19,6 +19,7 @@ import pytest
 import torch
 from clitools import run_tool
 from PIL import Image
+from pretrain_toy import toy_opts
 
 from mcl_det.config import config_changes
 from mcl_det.data.toy import make_toy_imagenet
@@ -76,23 +77,6 @@ def data_root(tmp_path_factory):
     return root
 
 
-def _opts(root, out, **extra) -> list[str]:
-    o = {
-        "DATA.ROOT": str(root),
-        "DATA.IMAGE_SIZE": "32",
-        "OUTPUT_DIR": str(out),
-        "MODEL.QUEUE_SIZE": "16",
-        "MODEL.DIM": "16",
-        "SOLVER.IMS_PER_BATCH": "8",  # 24 images -> 3 iterations per epoch, 6 in all
-        "SOLVER.EPOCHS": "2",
-        "MONITOR.EVAL_PERIOD": "0",
-        "MONITOR.TENSORBOARD": "False",
-        "MONITOR.PROGRESS": "False",
-    }
-    o.update(extra)
-    return [x for kv in o.items() for x in kv]
-
-
 def _cli(*args, cwd=ROOT, script=MAIN, **env):
     return run_tool(script, *args, cwd=cwd, timeout=300, OMP_NUM_THREADS="1", **env)
 
@@ -135,7 +119,7 @@ def _same_weights(a: Path, b: Path) -> bool:
 def two_iterations(data_root, tmp_path_factory):
     """A run stopped after 2 iterations (checkpoint_last.pth at iteration 2), copied per test."""
     out = tmp_path_factory.mktemp("two") / "run"
-    train(setup_pretrain_cfg(TOY, _opts(data_root, out, **{"SOLVER.MAX_ITER": "2"}), cohort=2))
+    train(setup_pretrain_cfg(TOY, toy_opts(data_root, out, **{"SOLVER.MAX_ITER": "2"}), cohort=2))
     return out
 
 
@@ -143,7 +127,7 @@ def two_iterations(data_root, tmp_path_factory):
 def reference(data_root, tmp_path_factory):
     """The uninterrupted 6-iteration run the interrupted-and-resumed ones must reproduce."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    train(setup_pretrain_cfg(TOY, _opts(data_root, out), cohort=2))
+    train(setup_pretrain_cfg(TOY, toy_opts(data_root, out), cohort=2))
     return out
 
 
@@ -156,10 +140,10 @@ def test_existing_run_refused_and_contradicting_flags(data_root, tmp_path):
     (out / LAST).write_bytes(b"an earlier run's weights")
     (out / "log.jsonl").write_text('{"type": "train", "iteration": 5}\n')
     before = _digests(out)
-    line = _one_error_line(_cli(*_opts(data_root, out)))
+    line = _one_error_line(_cli(*toy_opts(data_root, out)))
     assert "already holds another run's outputs" in line and LAST in line and "log.jsonl" in line
     assert "--resume" in line and "--overwrite" in line
-    line = _one_error_line(_cli("--resume", "--overwrite", *_opts(data_root, out)))
+    line = _one_error_line(_cli("--resume", "--overwrite", *toy_opts(data_root, out)))
     assert "--resume and --overwrite contradict" in line
     assert _digests(out) == before  # the log is not deleted, the checkpoint not touched
 
@@ -182,7 +166,7 @@ def test_second_concurrent_run_names_the_first_pid(data_root, tmp_path):
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        line = _one_error_line(_cli(*_opts(data_root, out)))
+        line = _one_error_line(_cli(*toy_opts(data_root, out)))
         assert f"in use by another run (pid {holder.pid} " in line
     finally:
         holder.kill()
@@ -193,7 +177,7 @@ def test_second_concurrent_run_names_the_first_pid(data_root, tmp_path):
 def test_output_paths_under_a_file_checked_before_any_work(data_root, tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")
-    line = _one_error_line(_cli(*_opts(data_root, afile / "run")))
+    line = _one_error_line(_cli(*toy_opts(data_root, afile / "run")))
     assert "OUTPUT_DIR" in line and "afile is a regular file" in line
     # linear evaluation: --output-dir checked before the checkpoint is even read
     le = ROOT / "tools" / "linear_eval.py"
@@ -211,7 +195,7 @@ def test_output_paths_under_a_file_checked_before_any_work(data_root, tmp_path):
 def test_unwritable_output_dir(data_root, tmp_path):
     from test_rundir import unwritable_dir
 
-    line = _one_error_line(_cli(*_opts(data_root, unwritable_dir(tmp_path) / "run")))
+    line = _one_error_line(_cli(*toy_opts(data_root, unwritable_dir(tmp_path) / "run")))
     assert "OUTPUT_DIR" in line and "not writable" in line
 
 
@@ -227,7 +211,7 @@ def test_nan_keeps_the_last_good_checkpoint_which_resumes_with_a_lower_lr(
     # iteration 3 takes a 1e30 step (its loss is still finite) and ends an epoch: its checkpoint
     # holds blown-up weights and must never replace the good one; iteration 4's loss is not finite
     huge = {"SOLVER.BASE_LR": "1e30", "SOLVER.CHECKPOINT_PERIOD": "1"}
-    line = _one_error_line(_cli("--resume", *_opts(data_root, out, **huge)))
+    line = _one_error_line(_cli("--resume", *toy_opts(data_root, out, **huge)))
     assert "loss is nan at iteration 4" in line or "loss is inf at iteration 4" in line, line
     assert f"{out / LAST} (iteration 2), is kept" in line and "--resume" in line
     assert sha256_file(out / LAST) == good
@@ -235,7 +219,7 @@ def test_nan_keeps_the_last_good_checkpoint_which_resumes_with_a_lower_lr(
 
     stale = out / f".{LAST}.k3j4h5g6.tmp"  # what a kill -9 during a write leaves
     stale.write_bytes(b"half a checkpoint")
-    r = _cli("--resume", *_opts(data_root, out, **{"SOLVER.BASE_LR": "0.01"}))
+    r = _cli("--resume", *toy_opts(data_root, out, **{"SOLVER.BASE_LR": "0.01"}))
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"removed a stale temporary file: {stale}" in r.stderr and not stale.exists()
     assert "resumed from" in r.stdout and "at iteration 2" in r.stdout
@@ -267,7 +251,7 @@ def test_non_finite_gradients_stop_before_the_step(data_root, tmp_path, monkeypa
 
     monkeypatch.setattr(engine.Trainer, "_grads_finite", poisoned)
     out = tmp_path / "run"
-    opts = _opts(data_root, out, **{"SOLVER.CHECKPOINT_PERIOD": "1"})
+    opts = toy_opts(data_root, out, **{"SOLVER.CHECKPOINT_PERIOD": "1"})
     with pytest.raises(MCLDetError, match=r"gradients hold inf/nan .* at iteration 3.*iteration 2"):
         train(setup_pretrain_cfg(TOY, opts, cohort=2))
     assert load_checkpoint(out / LAST)["iteration"] == 2
@@ -275,9 +259,9 @@ def test_non_finite_gradients_stop_before_the_step(data_root, tmp_path, monkeypa
 
 
 def test_config_changes_lists_every_differing_key_but_output_dir(data_root, tmp_path):
-    a = setup_pretrain_cfg(TOY, _opts(data_root, tmp_path / "a"), cohort=2)
+    a = setup_pretrain_cfg(TOY, toy_opts(data_root, tmp_path / "a"), cohort=2)
     b = setup_pretrain_cfg(
-        TOY, _opts(data_root, tmp_path / "b", **{"SOLVER.IMS_PER_BATCH": "4"}), cohort=2
+        TOY, toy_opts(data_root, tmp_path / "b", **{"SOLVER.IMS_PER_BATCH": "4"}), cohort=2
     )
     assert config_changes(a.dump(), b) == ["SOLVER.IMS_PER_BATCH: 8 -> 4"]
     assert config_changes(a.dump(), a) == []
@@ -289,7 +273,7 @@ def test_supervised_on_one_class_is_an_error(tmp_path):
     for i in range(4):
         Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(d / f"{i}.png")
     out = tmp_path / "run"
-    line = _one_error_line(_cli(*_opts(tmp_path / "data", out, MODE="supervised")))
+    line = _one_error_line(_cli(*toy_opts(tmp_path / "data", out, MODE="supervised")))
     assert "at least 2 classes" in line and "holds 1 (only)" in line
     assert not (out / LAST).exists()
 
@@ -302,7 +286,7 @@ def test_sigint_during_a_checkpoint_write_is_interrupted(data_root, two_iteratio
     shutil.copytree(two_iterations, out)
     good = sha256_file(out / LAST)
     # iteration 3 is the last: its checkpoint goes straight to checkpoint_last.pth
-    args = ["--resume", *_opts(data_root, out, **{"SOLVER.MAX_ITER": "3"})]
+    args = ["--resume", *toy_opts(data_root, out, **{"SOLVER.MAX_ITER": "3"})]
     r = _hooked(tmp_path, "save:1", "SIGINT", *args)
     assert r.returncode == EXIT_INTERRUPTED, r.stderr[-3000:]
     assert r.stderr.strip().splitlines()[-1] == "interrupted" and "Traceback" not in r.stderr
@@ -323,7 +307,7 @@ def test_sigterm_mid_run_checkpoints_exits_75_and_auto_resume_is_exact(
     data_root, reference, tmp_path
 ):
     out = tmp_path / "run"  # does not exist: --auto-resume starts fresh
-    args = ["--auto-resume", *_opts(data_root, out)]
+    args = ["--auto-resume", *toy_opts(data_root, out)]
     assert _stopped_after(_hooked(tmp_path, "step:4", "SIGTERM", *args)) == 4
     assert load_checkpoint(out / LAST)["iteration"] == 4 and _tmp_files(out) == []
     r = _cli(*args)
@@ -338,7 +322,7 @@ def test_sigterm_mid_run_checkpoints_exits_75_and_auto_resume_is_exact(
 def test_sigterm_during_a_periodic_checkpoint_write(data_root, reference, tmp_path):
     """The write finishes, the checkpoint is put in place, exit 75; it resumes exactly."""
     out = tmp_path / "run"
-    args = ["--auto-resume", *_opts(data_root, out, **{"SOLVER.CHECKPOINT_PERIOD": "2"})]
+    args = ["--auto-resume", *toy_opts(data_root, out, **{"SOLVER.CHECKPOINT_PERIOD": "2"})]
     assert _stopped_after(_hooked(tmp_path, "save:1", "SIGTERM", *args)) == 2
     assert load_checkpoint(out / LAST)["iteration"] == 2 and _tmp_files(out) == []
     r = _cli(*args)
@@ -350,7 +334,7 @@ def test_auto_resume_refuses_another_runs_folder(data_root, two_iterations, tmp_
     out = tmp_path / "run"
     shutil.copytree(two_iterations, out)
     before = _digests(out)
-    line = _one_error_line(_cli("--auto-resume", *_opts(data_root, out)))
+    line = _one_error_line(_cli("--auto-resume", *toy_opts(data_root, out)))
     assert "another config (SOLVER.MAX_ITER: 2 -> 0)" in line
     assert _digests(out) == before
 
@@ -370,7 +354,7 @@ def test_submitit_job_requeued_on_preemption_finishes_with_same_weights(
     monkeypatch.delenv("MCL_DET_DEBUG", raising=False)
     out = tmp_path / "run"
     ours = f"pretrain --cluster local --gpus-per-node 0 --time 20 --job-dir {tmp_path / 'jobs'}"
-    a = submit.parse_args([*ours.split(), "--", *_opts(data_root, out)])
+    a = submit.parse_args([*ours.split(), "--", *toy_opts(data_root, out)])
     job = submit.build_executor(a).submit(submit.stage_job(a))
     t0 = time.monotonic()
     while not _read(out / "log.jsonl"):  # the first iteration is done: inside the loop
