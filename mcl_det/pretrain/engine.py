@@ -48,7 +48,7 @@ from .data import (
     resolve_data_root,
 )
 from .distributed import pick_device
-from .models import cohort_class
+from .models import EvalData, cohort_class
 from .monitor import Logger, Progress, member_metrics
 
 LOGGED_TERMS = ("ce", *losses.TERMS)  # loss_<name> in every train line (null when not computed)
@@ -282,9 +282,8 @@ class Trainer:
         if self.val_set is None:
             return
         if self.main:
-            values, extra = self.cohort.evaluate(
-                self.cfg, self.train_set, self.val_set, self.device, self.num_classes
-            )
+            data = EvalData(self.train_set, self.val_set, self.device, self.num_classes)
+            values, extra = self.cohort.evaluate(self.cfg, data)
             self.metrics = member_metrics(values, self.cohort.metric, epoch)
             record = {"type": "eval", "epoch": epoch, "iteration": self.iteration, **extra}
             record["member_metrics"] = self.metrics

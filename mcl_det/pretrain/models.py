@@ -71,6 +71,16 @@ class MLPHead(nn.Module):
         return F.normalize(self.fc2(F.relu(self.fc1(x))), dim=1)
 
 
+class EvalData(NamedTuple):
+    """What a cohort's ``evaluate`` reads: the run's training set (kNN memory), the held-out set,
+    the device and the number of classes."""
+
+    train_set: SafeImageFolder
+    val_set: Dataset
+    device: torch.device
+    num_classes: int
+
+
 class Step(NamedTuple):
     """What one training step hands the Trainer."""
 
@@ -233,30 +243,20 @@ class SelfSupCohort(nn.Module):
         self.queue_ptr.fill_((ptr + b) % size)
 
     @torch.no_grad()
-    def evaluate(
-        self,
-        cfg: CfgNode,
-        train_set: SafeImageFolder,
-        val_set: Dataset,
-        device: torch.device,
-        num_classes: int,
-    ) -> tuple[list[float], dict[str, Any]]:
+    def evaluate(self, cfg: CfgNode, data: EvalData) -> tuple[list[float], dict[str, Any]]:
         """Weighted-kNN top-1 of each member's backbone: train images are the memory."""
         train_eval = SafeImageFolder(
-            train_set.root, eval_transform(cfg.DATA.IMAGE_SIZE, cfg.DATA.EVAL_CROP), scan=False
+            data.train_set.root, eval_transform(cfg.DATA.IMAGE_SIZE, cfg.DATA.EVAL_CROP), scan=False
         )
-        train_eval.samples, train_eval.targets = train_set.samples, train_set.targets
+        train_eval.samples, train_eval.targets = data.train_set.samples, data.train_set.targets
         memory: Any = train_eval
         if 0 < cfg.MONITOR.KNN_MAX_TRAIN < len(train_eval):
             g = torch.Generator().manual_seed(0)
             pick = torch.randperm(len(train_eval), generator=g)[: cfg.MONITOR.KNN_MAX_TRAIN]
             memory = Subset(train_eval, pick.tolist())
-        train_loader, val_loader = _eval_loader(memory, cfg), _eval_loader(val_set, cfg)
-        mon = cfg.MONITOR
-        values = [
-            knn_top1(m.encoder, train_loader, val_loader, num_classes, device, mon.KNN_K, mon.KNN_T)
-            for m in self.members
-        ]
+        train_loader, val_loader = _eval_loader(memory, cfg), _eval_loader(data.val_set, cfg)
+        knn = (data.num_classes, data.device, cfg.MONITOR.KNN_K, cfg.MONITOR.KNN_T)
+        values = [knn_top1(m.encoder, train_loader, val_loader, *knn) for m in self.members]
         return values, {}
 
 
@@ -359,20 +359,14 @@ class SupervisedCohort(nn.Module):
         """Nothing to update: no memory outside the networks."""
 
     @torch.no_grad()
-    def evaluate(
-        self,
-        cfg: CfgNode,
-        train_set: SafeImageFolder,
-        val_set: Dataset,
-        device: torch.device,
-        num_classes: int,
-    ) -> tuple[list[float], dict[str, Any]]:
+    def evaluate(self, cfg: CfgNode, data: EvalData) -> tuple[list[float], dict[str, Any]]:
         """Top-1 (percent) of each member's classifier and of their ensemble (mean softmax)."""
         was = self.training
         self.eval()
         correct = torch.zeros(len(self.members) + 1)
         n = 0
-        for x, y, _ in _eval_loader(val_set, cfg):
+        device = data.device
+        for x, y, _ in _eval_loader(data.val_set, cfg):
             x, y = x.to(device), torch.as_tensor(y).to(device)
             logits, _ = self(x)
             probs = [F.softmax(lg.float(), dim=1) for lg in logits]
