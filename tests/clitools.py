@@ -23,3 +23,21 @@ def run_tool(
         env=env,
         timeout=timeout,
     )
+
+
+def one_error_line(r: subprocess.CompletedProcess) -> str:
+    """The one ``error:`` line of a user error: exit 2, no traceback anywhere in the output."""
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    assert "Traceback" not in r.stderr + r.stdout, r.stderr[-3000:]
+    errs = [x for x in r.stderr.splitlines() if x.startswith("error: ")]
+    assert len(errs) == 1, r.stderr[-3000:]
+    return errs[0]
+
+
+def file_digests(d: Path) -> dict[str, str]:
+    """sha256 of every file below ``d`` but the lock file a refused run leaves: the proof that a
+    refused or failed run left the earlier files as they were."""
+    from mcl_det.utils.io import sha256_file
+
+    files = [p for p in sorted(d.rglob("*")) if p.is_file() and p.name != ".lock"]
+    return {str(p.relative_to(d)): sha256_file(p) for p in files}

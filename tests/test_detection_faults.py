@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from clitools import run_tool
+from clitools import one_error_line, run_tool
 
 pytest.importorskip("detectron2")
 
@@ -72,17 +72,9 @@ def _train_net(tmp_path: Path, *args, script=TRAIN_NET, **env):
     return run_tool(script, *args, cwd=tmp_path, timeout=600, OMP_NUM_THREADS="1", **env)
 
 
-def _one_error_line(r) -> str:
-    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
-    assert "Traceback" not in r.stderr + r.stdout, r.stderr[-3000:]
-    errs = [x for x in r.stderr.splitlines() if x.startswith("error: ")]
-    assert len(errs) == 1, r.stderr[-3000:]
-    return errs[0]
-
-
 def _cli(tmp_path: Path, opts: list[str], *flags: str) -> str:
     out = ["OUTPUT_DIR", str(tmp_path / "out")]
-    return _one_error_line(_train_net(tmp_path, "--config-file", FPN, *flags, *FAST, *opts, *out))
+    return one_error_line(_train_net(tmp_path, "--config-file", FPN, *flags, *FAST, *opts, *out))
 
 
 # ---------------------------------------------------------------------- bad data: one line each
@@ -330,7 +322,7 @@ def test_fault_during_checkpoint_write(trained, tmp_path, mode):
     args += ["SOLVER.MAX_ITER", "4", "OUTPUT_DIR", str(out)]
     r = _train_net(tmp_path, *args, script=driver, FAULT=mode)
     if mode == "enospc":
-        line = _one_error_line(r)
+        line = one_error_line(r)
         assert "model_0000002.pth" in line and "No space left" in line and "MiB free" in line
     elif mode == "sigint":
         assert r.returncode == 130 and "interrupted" in r.stderr, r.stderr[-3000:]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from clitools import run_tool
+from clitools import file_digests, one_error_line, run_tool
 from PIL import Image
 from pretrain_toy import toy_opts
 
@@ -87,20 +87,6 @@ def _hooked(tmp_path, at: str, sig: str, *args):
     return _cli(*args, script=script, HOOK_AT=at, HOOK_SIGNAL=sig)
 
 
-def _one_error_line(r) -> str:
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert "Traceback" not in r.stderr, r.stderr[-3000:]
-    errs = [x for x in r.stderr.splitlines() if x.startswith("error: ")]
-    assert len(errs) == 1, r.stderr[-2000:]
-    return errs[0]
-
-
-def _digests(d: Path) -> dict:
-    """sha256 of every file but the lock file a refused run leaves."""
-    files = [p for p in sorted(d.rglob("*")) if p.is_file() and p.name != ".lock"]
-    return {str(p.relative_to(d)): sha256_file(p) for p in files}
-
-
 def _tmp_files(d: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir() if p.name.endswith(".tmp"))
 
@@ -139,13 +125,13 @@ def test_existing_run_refused_and_contradicting_flags(data_root, tmp_path):
     out.mkdir()
     (out / LAST).write_bytes(b"an earlier run's weights")
     (out / "log.jsonl").write_text('{"type": "train", "iteration": 5}\n')
-    before = _digests(out)
-    line = _one_error_line(_cli(*toy_opts(data_root, out)))
+    before = file_digests(out)
+    line = one_error_line(_cli(*toy_opts(data_root, out)))
     assert "already holds another run's outputs" in line and LAST in line and "log.jsonl" in line
     assert "--resume" in line and "--overwrite" in line
-    line = _one_error_line(_cli("--resume", "--overwrite", *toy_opts(data_root, out)))
+    line = one_error_line(_cli("--resume", "--overwrite", *toy_opts(data_root, out)))
     assert "--resume and --overwrite contradict" in line
-    assert _digests(out) == before  # the log is not deleted, the checkpoint not touched
+    assert file_digests(out) == before  # the log is not deleted, the checkpoint not touched
 
 
 HOLDER = """
@@ -166,7 +152,7 @@ def test_second_concurrent_run_names_the_first_pid(data_root, tmp_path):
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        line = _one_error_line(_cli(*toy_opts(data_root, out)))
+        line = one_error_line(_cli(*toy_opts(data_root, out)))
         assert f"in use by another run (pid {holder.pid} " in line
     finally:
         holder.kill()
@@ -177,16 +163,16 @@ def test_second_concurrent_run_names_the_first_pid(data_root, tmp_path):
 def test_output_paths_under_a_file_checked_before_any_work(data_root, tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")
-    line = _one_error_line(_cli(*toy_opts(data_root, afile / "run")))
+    line = one_error_line(_cli(*toy_opts(data_root, afile / "run")))
     assert "OUTPUT_DIR" in line and "afile is a regular file" in line
     # linear evaluation: --output-dir checked before the checkpoint is even read
     le = ROOT / "tools" / "linear_eval.py"
     r = _cli(tmp_path / "missing.pth", "--member", "1", "--output-dir", afile / "le", script=le)
-    line = _one_error_line(r)
+    line = one_error_line(r)
     assert "--output-dir" in line and "afile is a regular file" in line
     # the converter: OUTPUT checked before the input is read and converted
     conv = ROOT / "tools" / "convert_to_d2.py"
-    line = _one_error_line(_cli(tmp_path / "missing.pth", afile / "w.pkl", script=conv))
+    line = one_error_line(_cli(tmp_path / "missing.pth", afile / "w.pkl", script=conv))
     assert "OUTPUT" in line and "afile is a regular file" in line
     assert afile.read_text() == "x"
 
@@ -195,7 +181,7 @@ def test_output_paths_under_a_file_checked_before_any_work(data_root, tmp_path):
 def test_unwritable_output_dir(data_root, tmp_path):
     from test_rundir import unwritable_dir
 
-    line = _one_error_line(_cli(*toy_opts(data_root, unwritable_dir(tmp_path) / "run")))
+    line = one_error_line(_cli(*toy_opts(data_root, unwritable_dir(tmp_path) / "run")))
     assert "OUTPUT_DIR" in line and "not writable" in line
 
 
@@ -211,7 +197,7 @@ def test_nan_keeps_the_last_good_checkpoint_which_resumes_with_a_lower_lr(
     # iteration 3 takes a 1e30 step (its loss is still finite) and ends an epoch: its checkpoint
     # holds blown-up weights and must never replace the good one; iteration 4's loss is not finite
     huge = {"SOLVER.BASE_LR": "1e30", "SOLVER.CHECKPOINT_PERIOD": "1"}
-    line = _one_error_line(_cli("--resume", *toy_opts(data_root, out, **huge)))
+    line = one_error_line(_cli("--resume", *toy_opts(data_root, out, **huge)))
     assert "loss is nan at iteration 4" in line or "loss is inf at iteration 4" in line, line
     assert f"{out / LAST} (iteration 2), is kept" in line and "--resume" in line
     assert sha256_file(out / LAST) == good
@@ -273,7 +259,7 @@ def test_supervised_on_one_class_is_an_error(tmp_path):
     for i in range(4):
         Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(d / f"{i}.png")
     out = tmp_path / "run"
-    line = _one_error_line(_cli(*toy_opts(tmp_path / "data", out, MODE="supervised")))
+    line = one_error_line(_cli(*toy_opts(tmp_path / "data", out, MODE="supervised")))
     assert "at least 2 classes" in line and "holds 1 (only)" in line
     assert not (out / LAST).exists()
 
@@ -333,10 +319,10 @@ def test_sigterm_during_a_periodic_checkpoint_write(data_root, reference, tmp_pa
 def test_auto_resume_refuses_another_runs_folder(data_root, two_iterations, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(two_iterations, out)
-    before = _digests(out)
-    line = _one_error_line(_cli("--auto-resume", *toy_opts(data_root, out)))
+    before = file_digests(out)
+    line = one_error_line(_cli("--auto-resume", *toy_opts(data_root, out)))
     assert "another config (SOLVER.MAX_ITER: 2 -> 0)" in line
-    assert _digests(out) == before
+    assert file_digests(out) == before
 
 
 # ----------------------------------------------------------------------------- clusters

@@ -12,12 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-from clitools import run_tool
+from clitools import file_digests, one_error_line, run_tool
 
 pytest.importorskip("detectron2")
 
 from mcl_det.data.toy import make_toy_voc  # noqa: E402
-from mcl_det.utils.io import sha256_file  # noqa: E402
 from mcl_det.utils.preempt import EXIT_PREEMPTED  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,32 +46,18 @@ def _train_net(toy_root, tmp_path, *opts, flags=()):
     return run_tool(TRAIN_NET, *args, cwd=tmp_path, timeout=600, **_env(toy_root))
 
 
-def _one_error_line(r) -> str:
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert "Traceback" not in r.stderr
-    errs = [x for x in r.stderr.splitlines() if x.startswith("error: ")]
-    assert len(errs) == 1, r.stderr[-2000:]
-    return errs[0]
-
-
-def _digests(d: Path) -> dict:
-    """sha256 of every file but the lock file a refused run leaves (empty or its own pid)."""
-    files = [p for p in sorted(d.rglob("*")) if p.is_file() and p.name != ".lock"]
-    return {str(p.relative_to(d)): sha256_file(p) for p in files}
-
-
 def test_existing_run_refused_then_overwrite_conflict(toy_root, tmp_path):
     out = tmp_path / "run"
     (out / "seed1").mkdir(parents=True)
     (out / "seed1" / "results.json").write_text('{"finished": true}')
     (out / "model_final.pth").write_bytes(b"earlier weights")
-    before = _digests(out)
-    line = _one_error_line(_train_net(toy_root, tmp_path, "OUTPUT_DIR", out))
+    before = file_digests(out)
+    line = one_error_line(_train_net(toy_root, tmp_path, "OUTPUT_DIR", out))
     assert "already holds another run's outputs" in line and "model_final.pth" in line
     assert "--resume" in line and "--overwrite" in line
-    line = _one_error_line(_train_net(toy_root, tmp_path, flags=["--resume", "--overwrite"]))
+    line = one_error_line(_train_net(toy_root, tmp_path, flags=["--resume", "--overwrite"]))
     assert "--resume and --overwrite" in line
-    assert _digests(out) == before  # nothing of the earlier run touched
+    assert file_digests(out) == before  # nothing of the earlier run touched
 
 
 @pytest.mark.slow  # the path check itself is unit-tested in test_rundir.py
@@ -80,10 +65,10 @@ def test_output_dir_under_a_file_or_unwritable(toy_root, tmp_path):
     from test_rundir import unwritable_dir
 
     (tmp_path / "afile").write_text("x")
-    line = _one_error_line(_train_net(toy_root, tmp_path, "OUTPUT_DIR", tmp_path / "afile" / "o"))
+    line = one_error_line(_train_net(toy_root, tmp_path, "OUTPUT_DIR", tmp_path / "afile" / "o"))
     assert "OUTPUT_DIR" in line and "afile is a regular file" in line
     ro = unwritable_dir(tmp_path)
-    line = _one_error_line(_train_net(toy_root, tmp_path, "OUTPUT_DIR", ro / "o"))
+    line = one_error_line(_train_net(toy_root, tmp_path, "OUTPUT_DIR", ro / "o"))
     assert "not writable" in line
 
 
@@ -106,7 +91,7 @@ def test_second_concurrent_run_names_the_first_pid(toy_root, tmp_path):
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        line = _one_error_line(_train_net(toy_root, tmp_path, "OUTPUT_DIR", out))
+        line = one_error_line(_train_net(toy_root, tmp_path, "OUTPUT_DIR", out))
         assert f"in use by another run (pid {holder.pid} " in line
     finally:
         holder.kill()
@@ -116,9 +101,9 @@ def test_second_concurrent_run_names_the_first_pid(toy_root, tmp_path):
 def test_report_output_paths_checked_before_reading_runs(tmp_path):
     (tmp_path / "afile").write_text("x")
     r = run_tool(REPORT, tmp_path / "nothing", "--output", tmp_path / "afile" / "t.md")
-    assert "--output" in _one_error_line(r) and "afile is a regular file" in r.stderr
+    assert "--output" in one_error_line(r) and "afile is a regular file" in r.stderr
     r = run_tool(REPORT, tmp_path / "nothing", "--plot", tmp_path)
-    assert "--plot" in _one_error_line(r) and "is a folder" in r.stderr
+    assert "--plot" in one_error_line(r) and "is a folder" in r.stderr
 
 
 # ----------------------------------------------------------------------------- preemption
