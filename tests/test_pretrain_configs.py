@@ -75,6 +75,9 @@ def test_archs_on_the_command_line():
         ("SOLVER.AMP", "fp8"),
         ("SUP.NEGATIVES", "queue"),
         ("LOSS.SUP_VARIANT", "multi"),
+        ("DATA.PIPELINE", "gpu"),
+        ("DATA.JPEG_DECODE", "nvjpeg"),
+        ("DATA.AUG", "simclr"),
     ],
 )
 def test_every_enum_key_is_checked_at_setup(key, value):
@@ -142,3 +145,14 @@ def test_eval_crop_one_keeps_the_whole_image():
     assert whole.shape == cropped.shape == (3, 32, 32)
     assert whole[0, 16, 0] > whole[0, 0, 0]  # the border pixel survives
     assert torch.equal(cropped, cropped[:, :1, :1].expand(3, 32, 32))  # all black: pixel cut off
+
+
+def test_linear_eval_config_is_checked_too():
+    """Linear evaluation's config (the checkpoint's plus overrides) goes through the same check."""
+    from mcl_det.pretrain.config import get_pretrain_cfg
+    from mcl_det.pretrain.linear_eval import linear_eval_cfg
+
+    ckpt = {"config": get_pretrain_cfg().dump()}
+    assert linear_eval_cfg(ckpt, None, ["DATA.PIPELINE", "device"]).DATA.PIPELINE == "device"
+    with pytest.raises(MCLDetError, match="unknown DATA.PIPELINE 'gpu'"):
+        linear_eval_cfg(ckpt, None, ["DATA.PIPELINE", "gpu"])

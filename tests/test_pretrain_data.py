@@ -110,11 +110,10 @@ def test_resolve_pipeline_auto_and_bad_values():
     assert resolve_pipeline(cfg, torch.device("cuda", 0)) == "device"
     cfg.DATA.PIPELINE = "device"
     assert resolve_pipeline(cfg, torch.device("cpu")) == "device"
-    for key, value in (("PIPELINE", "gpu"), ("JPEG_DECODE", "nvjpeg"), ("JPEG_DECODE", "cuda")):
-        bad = get_pretrain_cfg()
-        bad.DATA[key] = value
-        with pytest.raises(MCLDetError, match=f"DATA.{key}|JPEG_DECODE"):
-            resolve_pipeline(bad, torch.device("cpu"))
+    bad = get_pretrain_cfg()
+    bad.DATA.JPEG_DECODE = "cuda"  # a valid value that needs CUDA: checked against the device
+    with pytest.raises(MCLDetError, match="JPEG_DECODE"):
+        resolve_pipeline(bad, torch.device("cpu"))
 
 
 def test_device_pipeline_items_independent_of_workers(tmp_path):

@@ -16,6 +16,9 @@ MODES = ("selfsup", "supervised")
 SCHEDULES = ("cosine", "step")
 AMP_MODES = ("", "bf16", "fp16")
 SUP_NEGATIVES = ("bank", "batch")
+PIPELINES = ("auto", "pil", "device")
+JPEG_DECODERS = ("cpu", "cuda")
+AUGS = ("aug+", "aug")  # MoCo v2, MoCo v1
 
 # config key of each MCL loss term's weight
 WEIGHT_KEYS = {
@@ -169,7 +172,6 @@ def setup_pretrain_cfg(
     the config is frozen, so the saved config names every member.
     """
     from ..config import merge_cfg
-    from .losses_sup import SUP_VARIANTS
     from .models import RESNETS
 
     cfg = get_pretrain_cfg()
@@ -191,11 +193,25 @@ def setup_pretrain_cfg(
     cfg.MODEL.ARCHS, cfg.MODEL.COHORT = archs, len(archs)
     if amp is not None:
         cfg.SOLVER.AMP = amp
+    check_cfg(cfg)
+    cfg.freeze()
+    return cfg
+
+
+def check_cfg(cfg: CN) -> None:
+    """Every enum key and range of a pretraining config, checked in this one place (by
+    ``setup_pretrain_cfg`` and by linear evaluation, whose config is a checkpoint's plus
+    overrides): a bad value is one clear error before anything starts."""
+    from .losses_sup import SUP_VARIANTS
+
     _check_choice("MODE", cfg.MODE, MODES)
     _check_choice("SOLVER.SCHEDULE", cfg.SOLVER.SCHEDULE, SCHEDULES)
     _check_choice("SOLVER.AMP", cfg.SOLVER.AMP, AMP_MODES)
     _check_choice("SUP.NEGATIVES", cfg.SUP.NEGATIVES, SUP_NEGATIVES)
     _check_choice("LOSS.SUP_VARIANT", cfg.LOSS.SUP_VARIANT, SUP_VARIANTS)
+    _check_choice("DATA.PIPELINE", cfg.DATA.PIPELINE, PIPELINES)
+    _check_choice("DATA.JPEG_DECODE", cfg.DATA.JPEG_DECODE, JPEG_DECODERS)
+    _check_choice("DATA.AUG", cfg.DATA.AUG, AUGS)
     scale = tuple(cfg.DATA.SUP_CROP_SCALE)
     if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
         raise MCLDetError(
@@ -207,5 +223,3 @@ def setup_pretrain_cfg(
             f"DATA.EVAL_CROP must be in (0, 1], got {cfg.DATA.EVAL_CROP}: 0.875 is ImageNet's "
             "centre crop, 1.0 the whole image"
         )
-    cfg.freeze()
-    return cfg

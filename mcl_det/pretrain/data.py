@@ -64,8 +64,7 @@ def moco_v2_transform(size: int = 224, aug: str = "aug+") -> T.Compose:
 
 def _recipe(aug: str, size: int) -> AugRecipe:
     recipe = moco_recipe(aug, size)
-    if recipe is None:
-        raise MCLDetError(f"unknown DATA.AUG {aug!r}; use aug+ (MoCo v2) or aug (MoCo v1)")
+    assert recipe is not None, f"DATA.AUG {aug!r} passed config.check_cfg"
     return recipe
 
 
@@ -100,9 +99,6 @@ def eval_transform(size: int = 224, crop: float = 0.875) -> T.Compose:
 # ---------------------------------------------------------------------------- device pipeline
 # DATA.PIPELINE device: the workers only decode and crop (uint8); augment.augment_batch does the
 # rest on the training device. Every class below draws with the torch RNG the dataset seeded.
-
-PIPELINES = ("auto", "pil", "device")
-JPEG_DECODERS = ("cpu", "cuda")
 
 
 def read_uint8(path: str) -> torch.Tensor:
@@ -181,17 +177,14 @@ def uint8_supervised_transform(size: int = 224, scale: Sequence[float] = (0.08, 
 
 
 def resolve_pipeline(cfg: CfgNode, device: torch.device, mode: str | None = None) -> str:
-    """DATA.PIPELINE -> "pil" or "device" (validated here, once, before anything starts).
+    """DATA.PIPELINE -> "pil" or "device" (the values are checked by ``config.check_cfg``; what
+    depends on the device is checked here, before anything starts).
 
     ``auto`` is ``device`` when training on CUDA (the point of it: the workers stop being the
     bottleneck) and ``pil`` on the CPU, where the PIL chain runs in the worker processes in parallel
     with the step while the batched stage would run in the training process, serially with it.
     """
     kind, decoder = cfg.DATA.PIPELINE, cfg.DATA.JPEG_DECODE
-    if kind not in PIPELINES:
-        raise MCLDetError(f"unknown DATA.PIPELINE {kind!r}; use one of {', '.join(PIPELINES)}")
-    if decoder not in JPEG_DECODERS:
-        raise MCLDetError(f"unknown DATA.JPEG_DECODE {decoder!r}; use cpu or cuda")
     if kind == "auto":
         kind = "device" if device.type == "cuda" else "pil"
     if decoder == "cuda" and (kind != "device" or device.type != "cuda"):

@@ -25,7 +25,7 @@ from ..utils.io import atomic_write_json
 from ..utils.malloc import keep_freed_memory
 from ..utils.rundir import check_output_path
 from .checkpoint import load_checkpoint, member_state
-from .config import get_pretrain_cfg
+from .config import check_cfg, get_pretrain_cfg
 from .data import InputPipeline, SafeImageFolder, eval_transform, resolve_data_root
 from .distributed import pick_device
 from .engine import epoch_steps
@@ -51,6 +51,7 @@ def linear_eval_cfg(ckpt: dict[str, Any], config_file: str | None, opts: list[st
     cfg = get_pretrain_cfg()
     cfg.merge_from_other_cfg(CfgNode.load_cfg(ckpt["config"]))
     merge_cfg(cfg, config_file, opts)
+    check_cfg(cfg)
     cfg.freeze()
     return cfg
 
