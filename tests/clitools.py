@@ -1,8 +1,10 @@
 """Running an entry point the way a user does, for the CLI tests."""
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,3 +43,30 @@ def file_digests(d: Path) -> dict[str, str]:
 
     files = [p for p in sorted(d.rglob("*")) if p.is_file() and p.name != ".lock"]
     return {str(p.relative_to(d)): sha256_file(p) for p in files}
+
+
+_LOCK_HOLDER = """
+import sys, time
+sys.path.insert(0, sys.argv[2])
+from mcl_det.utils.rundir import lock_run_dir
+lock_run_dir(sys.argv[1])
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(folder: Path) -> Iterator[int]:
+    """Another process holds the run lock of ``folder``, as a concurrent run would; yields its
+    pid. On exit it is killed (SIGKILL, like a crash: the kernel drops the lock)."""
+    p = subprocess.Popen(
+        [sys.executable, "-c", _LOCK_HOLDER, str(folder), str(ROOT)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert p.stdout.readline().strip() == "locked"
+        yield p.pid
+    finally:
+        p.kill()
+        p.wait()

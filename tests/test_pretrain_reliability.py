@@ -9,15 +9,13 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from clitools import file_digests, one_error_line, run_tool
+from clitools import file_digests, lock_held_elsewhere, one_error_line, run_tool
 from PIL import Image
 from pretrain_toy import toy_opts
 
@@ -134,29 +132,12 @@ def test_existing_run_refused_and_contradicting_flags(data_root, tmp_path):
     assert file_digests(out) == before  # the log is not deleted, the checkpoint not touched
 
 
-HOLDER = """
-import sys, time
-sys.path.insert(0, sys.argv[2])
-from mcl_det.utils.rundir import lock_run_dir
-lock_run_dir(sys.argv[1])
-print("locked", flush=True)
-time.sleep(120)
-"""
-
-
 def test_second_concurrent_run_names_the_first_pid(data_root, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(out), str(ROOT)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_elsewhere(out) as pid:
         line = one_error_line(_cli(*toy_opts(data_root, out)))
-        assert f"in use by another run (pid {holder.pid} " in line
-    finally:
-        holder.kill()
-        holder.wait()
+        assert f"in use by another run (pid {pid} " in line
     assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written
 
 

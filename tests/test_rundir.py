@@ -4,13 +4,11 @@ temporary files, and atomic writes that follow the umask."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from clitools import lock_held_elsewhere
 
 from mcl_det.utils.errors import MCLDetError
 from mcl_det.utils.io import atomic_write_text, sha256_file
@@ -121,29 +119,12 @@ def test_stale_tmp_removed_others_kept(tmp_path):
     assert not any(f.exists() for f in stale) and all(f.exists() for f in kept)
 
 
-HOLDER = """
-import sys, time
-sys.path.insert(0, sys.argv[2])
-from mcl_det.utils.rundir import lock_run_dir
-lock_run_dir(sys.argv[1])
-print("locked", flush=True)
-time.sleep(60)
-"""
-
-
 def test_lock_names_holder_pid_and_dies_with_it(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    p = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(out), str(ROOT)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert p.stdout.readline().strip() == "locked"
-        with pytest.raises(MCLDetError, match=rf"in use by another run \(pid {p.pid} on "):
+    with lock_held_elsewhere(out) as pid:  # then SIGKILLed: a crash, the kernel drops the lock
+        with pytest.raises(MCLDetError, match=rf"in use by another run \(pid {pid} on "):
             open_run_dir(out, "new", OUTPUTS)
-    finally:
-        p.send_signal(signal.SIGKILL)  # a crash: the kernel drops the lock
-        p.wait()
     fd = lock_run_dir(out)
     assert f"pid {os.getpid()} " in (out / LOCK_NAME).read_text()
     os.close(fd)

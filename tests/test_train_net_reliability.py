@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from clitools import file_digests, one_error_line, run_tool
+from clitools import file_digests, lock_held_elsewhere, one_error_line, run_tool
 
 pytest.importorskip("detectron2")
 
@@ -72,30 +72,13 @@ def test_output_dir_under_a_file_or_unwritable(toy_root, tmp_path):
     assert "not writable" in line
 
 
-HOLDER = """
-import sys, time
-sys.path.insert(0, sys.argv[2])
-from mcl_det.utils.rundir import lock_run_dir
-lock_run_dir(sys.argv[1])
-print("locked", flush=True)
-time.sleep(120)
-"""
-
-
 @pytest.mark.slow  # the lock itself is unit-tested in test_rundir.py
 def test_second_concurrent_run_names_the_first_pid(toy_root, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(out), str(ROOT)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_elsewhere(out) as pid:
         line = one_error_line(_train_net(toy_root, tmp_path, "OUTPUT_DIR", out))
-        assert f"in use by another run (pid {holder.pid} " in line
-    finally:
-        holder.kill()
-        holder.wait()
+        assert f"in use by another run (pid {pid} " in line
 
 
 def test_report_output_paths_checked_before_reading_runs(tmp_path):
