@@ -68,8 +68,11 @@ class AugRecipe:
         return cj.brightness, cj.contrast, cj.saturation, cj.hue
 
 
+AUGS = ("aug+", "aug")  # the names DATA.AUG takes: MoCo v2, MoCo v1 (config.check_cfg checks them)
+
+
 def moco_recipe(aug: str, size: int) -> AugRecipe | None:
-    """MoCo v2 "aug+" or MoCo v1 "aug"; None for an unknown name (the caller reports it)."""
+    """MoCo v2 "aug+" or MoCo v1 "aug"; None for a name outside ``AUGS``."""
     if aug == "aug+":
         return AugRecipe(size)
     if aug == "aug":

@@ -18,7 +18,6 @@ AMP_MODES = ("", "bf16", "fp16")
 SUP_NEGATIVES = ("bank", "batch")
 PIPELINES = ("auto", "pil", "device")
 JPEG_DECODERS = ("cpu", "cuda")
-AUGS = ("aug+", "aug")  # MoCo v2, MoCo v1
 
 # config key of each MCL loss term's weight
 WEIGHT_KEYS = {
@@ -202,6 +201,7 @@ def check_cfg(cfg: CN) -> None:
     """Every enum key and range of a pretraining config, checked in this one place (by
     ``setup_pretrain_cfg`` and by linear evaluation, whose config is a checkpoint's plus
     overrides): a bad value is one clear error before anything starts."""
+    from .augment import AUGS
     from .losses_sup import SUP_VARIANTS
 
     _check_choice("MODE", cfg.MODE, MODES)
