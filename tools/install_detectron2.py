@@ -165,9 +165,10 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def install_registry(work: Path) -> None:
+def registry_source(work: Path) -> Path:
+    """Download the pinned sdist into ``work``, check its sha256, patch it; return its folder."""
     spec = f"{REGISTRY_NAME}=={REGISTRY_VERSION}"
-    log(f"installing the registry sdist {spec} (sha256 {REGISTRY_SHA256[:12]}...)")
+    log(f"fetching the registry sdist {spec} (sha256 {REGISTRY_SHA256[:12]}...)")
     flags = ("--no-deps", "--no-build-isolation", "--no-binary", ":all:")
     r = pip("download", *flags, spec, "-d", str(work))
     sdists = list(work.glob("pb1[-_]detectron2-*.tar.gz"))
@@ -194,10 +195,26 @@ def install_registry(work: Path) -> None:
         if (src / extra).exists():
             (src / extra).unlink()
     n_configs = len(list((src / "detectron2" / "model_zoo" / "configs").rglob("*.yaml")))
-    log(f"patched {len(PATCHES)} source lines; {n_configs} model-zoo configs will be installed")
-    r = pip("install", "--no-build-isolation", "--no-deps", str(src))
+    log(f"patched {len(PATCHES)} source lines; {n_configs} model-zoo configs included")
+    return src
+
+
+def install_registry(work: Path) -> None:
+    r = pip("install", "--no-build-isolation", "--no-deps", str(registry_source(work)))
     if r.returncode != 0:
         raise SystemExit(f"error: pip could not install the patched sdist:\n{r.stderr[-3000:]}")
+
+
+def build_registry_wheel(work: Path, wheel_dir: Path) -> Path:
+    """The patched registry build as a pure-Python wheel, for a machine without the registry (a
+    cluster node, the lent GPU machine): ``pip install --no-deps`` it there."""
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    src = registry_source(work)
+    r = pip("wheel", "--no-build-isolation", "--no-deps", str(src), "-w", str(wheel_dir))
+    wheels = sorted(wheel_dir.glob("pb1_detectron2-*.whl"))
+    if r.returncode != 0 or not wheels:
+        raise SystemExit(f"error: pip could not build the wheel:\n{r.stderr[-3000:]}")
+    return wheels[-1]
 
 
 def extension(found: tuple) -> str:
@@ -214,7 +231,21 @@ def main() -> int:
         help="auto: upstream when GitHub is reachable, else the registry sdist",
     )
     ap.add_argument("--force", action="store_true", help="reinstall even if detectron2 imports")
+    ap.add_argument(
+        "--wheel",
+        metavar="DIR",
+        type=Path,
+        help="build the patched registry version as a wheel into DIR instead of installing it "
+        "(to install on a machine without the registry: pip install --no-deps DIR/pb1_*.whl)",
+    )
     args = ap.parse_args()
+    if args.wheel is not None:
+        work = Path(tempfile.mkdtemp(prefix="mcl_det_d2_"))
+        try:
+            log(f"wrote {build_registry_wheel(work, args.wheel)}")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return 0
 
     found = probe()
     if found and not args.force:

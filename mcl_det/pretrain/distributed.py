@@ -101,15 +101,21 @@ def init_distributed(device_type: str) -> tuple[int, int, int]:
     """Join the env:// process group when launched by torchrun/launch. Returns (rank, world, local).
 
     Backend: nccl for CUDA, gloo for CPU. Without RANK/WORLD_SIZE in the environment: one process.
+    torchrun with one process joins a group of one too (``TORCHELASTIC_RUN_ID`` is set), so a
+    1-GPU torchrun run goes through the same NCCL set-up and barriers as an 8-GPU one.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or is_dist():
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    if (world <= 1 and not under_torchrun) or is_dist():
         return get_rank(), get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
         torch.cuda.set_device(local)
     dist.init_process_group(backend=backend, init_method="env://")
+    if dist.get_rank() == 0:
+        n = dist.get_world_size()
+        print(f"joined the {backend} process group: {n} process(es)", flush=True)
     return dist.get_rank(), dist.get_world_size(), local
 
 
