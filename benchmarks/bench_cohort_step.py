@@ -4,6 +4,9 @@ Measures, side by side in one run:
 - step time ratio (cohort of M with all four terms / one network with its MoCo loss), steps
   interleaved A, B, A, B ... so machine load drifts hit both alike; median of the steps
   (target <= 2.05: the cohort should add nothing beyond the second network's own work);
+- the same cohort with the interaction weights at 0 (two independent MoCo runs): the difference
+  is what ICL, Soft VCL and Soft ICL cost inside a real step, where their kernels queue behind
+  the networks' (a share of the single network's step);
 - the MCL loss terms alone (cohort logits at K, the four terms, their backward) as a share of the
   single network's step (the target: < 5% at K = 65536, M = 2, R18, batch 32) and of the cohort's;
 - peak memory ratio (target <= 2.1x). GPU: torch.cuda.max_memory_allocated in this process.
@@ -39,9 +42,9 @@ ALL = {"vcl": 1.0, "icl": 1.0, "soft_vcl": 1.0, "soft_icl": 1.0}
 MOCO = {"vcl": 1.0, "icl": 0.0, "soft_vcl": 0.0, "soft_icl": 0.0}
 
 
-def build(args, members: int, device):
+def build(args, members: int, device, weights: dict | None = None):
     torch.manual_seed(0)
-    weights = ALL if members > 1 else MOCO
+    weights = weights or (ALL if members > 1 else MOCO)
     model = SelfSupCohort([args.arch] * members, queue_size=args.queue, weights=weights)
     model = model.to(device)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.03, momentum=0.9)
@@ -140,18 +143,23 @@ def main() -> None:
     x = torch.randn(2, args.batch, 3, args.size, args.size, device=device)
 
     # ---- time: interleaved steps
+    # the same cohort with the interaction weights at 0 (the independent baseline): the
+    # difference to the MCL cohort is what the interaction terms cost inside a real step
     single, opt1 = build(args, 1, device)
     cohort, opt2 = build(args, args.members, device)
-    t1, t2 = [], []
+    base, opt3 = build(args, args.members, device, MOCO)
+    t1, t2, t3 = [], [], []
     for i in range(args.warmup + args.iters):
         a = step(single, opt1, x[0], x[1], sync)
         b = step(cohort, opt2, x[0], x[1], sync)
+        c = step(base, opt3, x[0], x[1], sync)
         if i >= args.warmup:
             t1.append(a)
             t2.append(b)
-    s1, s2 = statistics.median(t1), statistics.median(t2)
+            t3.append(c)
+    s1, s2, s3 = (statistics.median(t) for t in (t1, t2, t3))
     t_terms = terms_only(args, device, sync)
-    del single, cohort, opt1, opt2
+    del single, cohort, base, opt1, opt2, opt3
 
     # ---- memory
     if cuda:
@@ -191,6 +199,9 @@ def main() -> None:
         "step_s_cohort": s2,
         "step_time_ratio": s2 / s1,
         "step_time_ratio_target": 2.05,
+        "step_s_cohort_without_interaction": s3,
+        "interaction_terms_in_step_s": s2 - s3,
+        "interaction_terms_share_of_single_step": (s2 - s3) / s1,
         "mcl_terms_s": t_terms,
         "mcl_terms_share_of_cohort_step": t_terms / s2,
         "mcl_terms_share_of_single_step": t_terms / s1,

@@ -176,6 +176,21 @@ def _images_per_s(trainer, batches: Iterator, s: dict, device_stage: bool) -> tu
     return s["steps"] * s["batch"] / (time.perf_counter() - t0), wait
 
 
+def _device_stage_ms(trainer, batches: Iterator, n: int) -> float:
+    """Median time of the device stage alone (copy + batched augmentation) on ``n`` batches: the
+    part of the real-input step the synthetic one skips."""
+    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+    times = []
+    for _ in range(n):
+        batch = next(batches)
+        sync()
+        t = time.perf_counter()
+        trainer.pipeline.device_stage(batch)
+        sync()
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
 def bench_feed(args) -> dict:
     """Real JPEGs through the run's loader and device stage vs synthetic views fed straight to
     the same training step, one Trainer for both."""
@@ -218,6 +233,7 @@ def bench_feed(args) -> dict:
         synthetic, _ = _images_per_s(trainer, itertools.repeat((views, None, None)), s, False)
         batches = _loader_batches(trainer)
         real, wait = _images_per_s(trainer, batches, s, True)
+        stage_ms = _device_stage_ms(trainer, batches, s["warmup"] + 2)
         batches.close()  # stops the workers before their folder goes
     dev = trainer.device
     return {
@@ -237,6 +253,7 @@ def bench_feed(args) -> dict:
         "synthetic_images_per_s": round(synthetic, 1),
         "real_over_synthetic": round(real / synthetic, 3),
         "real_data_wait_s": round(wait, 3),
+        "device_stage_ms_per_batch": round(stage_ms, 2),
         "target": ">= 0.9",
         "meets_target": real / synthetic >= 0.9,
         "torch": torch.__version__,

@@ -34,7 +34,7 @@ PRE=$WORK/pretrain_r50x2
 export DETECTRON2_DATASETS=$DATA
 if [ "$TINY" = 1 ]; then
   DEV=cpu AMP=False ARCH=resnet50
-  LOSSES=(--device cpu --threads 1 --queue 512 --image-size 64 --rounds 1 --loss-reps 1)
+  LOSSES=(--compile --device cpu --threads 1 --queue 512 --image-size 64 --rounds 1 --loss-reps 1)
   R18=(--device cpu --threads 1 --arch resnet18 --batch 4 --size 64 --queue 256 --iters 1 --warmup 1)
   R50=(--device cpu --threads 1 --arch resnet50 --batch 2 --size 64 --queue 256 --iters 1 --warmup 1)
   THROUGHPUT=(--device cpu --arch resnet18 --batch 4 --size 32 --queue 64 --iters 2 --warmup 1)
@@ -44,7 +44,7 @@ if [ "$TINY" = 1 ]; then
     INPUT.MAX_SIZE_TEST 256 DATALOADER.NUM_WORKERS 0)
 else
   DEV=cuda AMP=True ARCH=resnet50
-  LOSSES=(--device cuda --rounds 10 --loss-reps 10)
+  LOSSES=(--compile --device cuda --rounds 10 --loss-reps 10)
   R18=(--device cuda --arch resnet18 --batch 32 --size 224)
   R50=(--device cuda --arch resnet50 --batch 64 --size 224)
   THROUGHPUT=(--device cuda --arch resnet50 --cohort 2 --batch 128 --amp bf16)

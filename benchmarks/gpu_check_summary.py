@@ -118,6 +118,9 @@ def collect(work: Path, log_path: Path | None = None) -> dict[str, Any]:
         "peak_mem_ratio",
         "mcl_terms_share_of_cohort_step",
         "mcl_terms_share_of_single_step",
+        "step_s_cohort_without_interaction",
+        "interaction_terms_in_step_s",
+        "interaction_terms_share_of_single_step",
     )
     result = {
         "format": "mcl_det.gpu_check/v1",
@@ -131,6 +134,7 @@ def collect(work: Path, log_path: Path | None = None) -> dict[str, Any]:
             "ratio",
             "ratio_min",
             "vcl_only_ratio",
+            "compiled_ratio",
             "ratio_vs_plain_r18",
             "ops",
         )
@@ -146,6 +150,7 @@ def collect(work: Path, log_path: Path | None = None) -> dict[str, Any]:
             "synthetic_images_per_s",
             "real_over_synthetic",
             "real_data_wait_s",
+            "device_stage_ms_per_batch",
             "workers",
             "cpu_count",
             "pipeline",
