@@ -248,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     }
     if device.type == "cuda":
         for name, step in steps.items():
-            ops[name]["cuda_events"] = count_cuda_events(step, device)
+            ops.setdefault(name, {})["cuda_events"] = count_cuda_events(step, device)
     # the denominators: one R18 MoCo step (the target's) and a plain R18 SGD step (stricter)
     nets = {}
     if not args.no_r18:
