@@ -3,6 +3,7 @@
 Why pure functions: the cohort models, the benchmarks and the tests all need the *same* four
 terms, and the tests compare them with a loop-by-loop transcription of the paper's formulas.
 Nothing here owns state; the supervised terms (memory bank, in-batch) are in ``losses_sup``.
+``loss_weights`` is the one mapping from a config's ``LOSS.W_*`` keys to the terms.
 
 Shapes used in the comments: N batch, C embedding dim (128), K negatives, M cohort size,
 L = 1 + K logits per row, Nb memory-bank size.
