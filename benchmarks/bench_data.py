@@ -160,8 +160,9 @@ def _loader_batches(trainer) -> Iterator:
         yield from trainer.loader
 
 
-def _images_per_s(trainer, batches: Iterator, s: dict, device_stage: bool) -> tuple[float, float]:
-    """(images/s over the timed steps, seconds of them spent waiting for the next batch)."""
+def _timed_steps(trainer, batches: Iterator, s: dict, device_stage: bool) -> tuple[float, float]:
+    """(seconds of the timed steps, seconds of them spent waiting for the next batch), to the
+    microsecond: the rates in the JSON are computed from these stored values."""
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
     for _ in range(s["warmup"]):
         trainer.train_step(next(batches), device_stage)
@@ -173,7 +174,7 @@ def _images_per_s(trainer, batches: Iterator, s: dict, device_stage: bool) -> tu
         wait += time.perf_counter() - t
         trainer.train_step(batch, device_stage)
     sync()
-    return s["steps"] * s["batch"] / (time.perf_counter() - t0), wait
+    return round(time.perf_counter() - t0, 6), round(wait, 6)
 
 
 def _device_stage_ms(trainer, batches: Iterator, n: int) -> float:
@@ -230,12 +231,14 @@ def bench_feed(args) -> dict:
             torch.randn(s["batch"], 3, s["size"], s["size"], device=trainer.device)
             for _ in range(2)
         )
-        synthetic, _ = _images_per_s(trainer, itertools.repeat((views, None, None)), s, False)
+        synthetic_s, _ = _timed_steps(trainer, itertools.repeat((views, None, None)), s, False)
         batches = _loader_batches(trainer)
-        real, wait = _images_per_s(trainer, batches, s, True)
+        real_s, wait = _timed_steps(trainer, batches, s, True)
         stage_ms = _device_stage_ms(trainer, batches, s["warmup"] + 2)
         batches.close()  # stops the workers before their folder goes
     dev = trainer.device
+    images = s["steps"] * s["batch"]  # per timed run, each
+    real, synthetic = images / real_s, images / synthetic_s
     return {
         "mode": "feed",
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
@@ -249,6 +252,9 @@ def bench_feed(args) -> dict:
         "warmup_steps": s["warmup"],
         "timed_steps": s["steps"],
         "jpegs": "500x375 q90, generated, read from disk" if not args.data else args.data,
+        "timed_images": images,
+        "real_jpegs_timed_s": real_s,
+        "synthetic_timed_s": synthetic_s,
         "real_jpegs_images_per_s": round(real, 1),
         "synthetic_images_per_s": round(synthetic, 1),
         "real_over_synthetic": round(real / synthetic, 3),

@@ -119,6 +119,14 @@ def tiny_settings(out: Path, fashion_dir: Path | None = None) -> FashionSettings
     )
 
 
+def shipped_config(cfg_file: str) -> str:
+    """The resolved YAML of a shipped pretraining config (its ``_BASE_`` files merged in), what a
+    run's ``config.yaml`` holds before the runner's overrides."""
+    from mcl_det.pretrain.config import setup_pretrain_cfg
+
+    return setup_pretrain_cfg(str(ROOT / cfg_file)).dump()
+
+
 def active_terms(config_yaml: str, mode: str) -> str:
     """``"CE 1, VCL 0.1, ..."``: the loss terms with a non-zero weight in a resolved config."""
     from yacs.config import CfgNode
@@ -249,7 +257,7 @@ def write_report(s: FashionSettings) -> Path:
     terms = []
     for run, (cfg_file, mode) in RUNS.items():
         saved = s.out / "pretrain" / run / f"seed{s.seeds[0]}" / "config.yaml"
-        text = saved.read_text() if saved.is_file() else (ROOT / cfg_file).read_text()
+        text = saved.read_text() if saved.is_file() else shipped_config(cfg_file)
         terms.append(f"{run}: {active_terms(text, mode)}")
     parts.append("Active loss terms (weight): " + "; ".join(terms) + ".\n")
     st = Stages()

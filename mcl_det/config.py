@@ -41,12 +41,20 @@ def merge_cfg(
 
 
 def _merge(merge: Callable[[Any], None], source: Any, what: str) -> None:
-    """Run one yacs merge: a bad key or value becomes one ``bad WHAT`` error, anything else (a
-    YAML syntax error) one ``cannot parse WHAT`` error."""
+    """Run one yacs merge: a bad key or value becomes one ``bad WHAT`` error, a ``_BASE_`` file
+    that cannot be read (or a loop of them) its own error, anything else (a YAML syntax error)
+    one ``cannot parse WHAT`` error."""
     try:
         merge(source)
     except (KeyError, ValueError, AssertionError, TypeError) as e:
         raise MCLDetError(f"bad {what}: {_clean(e)}") from None
+    except OSError as e:  # the file itself exists (merge_cfg checks): one of its _BASE_ files
+        raise MCLDetError(
+            f"cannot read {e.filename or 'a base file'}, named by _BASE_ in {what} "
+            f"({e.strerror or _clean(e)}); a _BASE_ path is relative to the file that names it"
+        ) from None
+    except RecursionError:
+        raise MCLDetError(f"{what}: its _BASE_ files include each other (a loop)") from None
     except Exception as e:  # yaml.YAMLError and friends
         raise MCLDetError(f"cannot parse {what}: {_clean(e)}") from None
 

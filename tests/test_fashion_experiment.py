@@ -71,7 +71,7 @@ def test_cli_missing_data_is_one_line_error(tmp_path):
 def test_active_terms_read_from_the_shipped_configs():
     def terms(run: str) -> str:
         cfg, mode = fashion.RUNS[run]
-        return fashion.active_terms((ROOT / cfg).read_text(), mode)
+        return fashion.active_terms(fashion.shipped_config(cfg), mode)
 
     assert terms("sup_mcl") == "CE 1, VCL 0.1, ICL 0.1, Soft VCL 1, Soft ICL 1"
     assert terms("sup_baseline") == "CE 1"

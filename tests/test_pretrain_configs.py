@@ -1,15 +1,22 @@
-"""Every shipped pretraining config loads (no unknown key) and builds its cohort (tiny K)."""
+"""Every shipped pretraining config loads (no unknown key) and builds its cohort (tiny K); each
+baseline is its MCL twin with the interaction weights 0; ``_BASE_`` inheritance."""
 
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+from mcl_det.config import flat_cfg
 from mcl_det.pretrain.config import member_archs, normalize_opts, setup_pretrain_cfg
 from mcl_det.pretrain.models import build_cohort
 from mcl_det.utils.errors import MCLDetError
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "pretrain" / "configs").glob("*.yaml"))
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "pretrain" / "configs"
+# Base-*.yaml: settings a family of configs shares (detectron2's naming), not runs of their own
+BASES = sorted(CONFIG_DIR.glob("Base-*.yaml"))
+CONFIGS = sorted(set(CONFIG_DIR.glob("*.yaml")) - set(BASES))
+BASELINES = [p for p in CONFIGS if "baseline" in p.stem]
 EXPECTED = {
     "moco_v2_mcl_r50x2_200ep": ("selfsup", ["resnet50"] * 2),
     "sup_mcl_r18x2": ("supervised", ["resnet18"] * 2),
@@ -156,3 +163,93 @@ def test_linear_eval_config_is_checked_too():
     assert linear_eval_cfg(ckpt, None, ["DATA.PIPELINE", "device"]).DATA.PIPELINE == "device"
     with pytest.raises(MCLDetError, match="unknown DATA.PIPELINE 'gpu'"):
         linear_eval_cfg(ckpt, None, ["DATA.PIPELINE", "gpu"])
+
+
+def _twin(baseline: Path) -> Path:
+    """The MCL config a baseline is compared with (``toy_baseline`` -> ``toy``)."""
+    stem = "toy" if baseline.stem == "toy_baseline" else baseline.stem.replace("baseline", "mcl")
+    return CONFIG_DIR / f"{stem}.yaml"
+
+
+def _flat(path: Path) -> dict:
+    return flat_cfg(yaml.safe_load(setup_pretrain_cfg(str(path)).dump()))
+
+
+INTERACTION = {"LOSS.W_ICL", "LOSS.W_SOFT_VCL", "LOSS.W_SOFT_ICL"}  # selfsup keeps VCL (InfoNCE)
+
+
+@pytest.mark.parametrize("path", BASELINES, ids=lambda p: p.stem)
+def test_baseline_is_its_mcl_twin_with_the_interaction_weights_0(path):
+    """A fair comparison: the baseline inherits its twin (``_BASE_``) and resolves to exactly it
+    but for OUTPUT_DIR and the interaction weights, which are 0 (supervised: VCL too; selfsup
+    keeps VCL, MoCo's own InfoNCE)."""
+    twin = _twin(path)
+    assert yaml.safe_load(path.read_text())["_BASE_"] == twin.name
+    base, mcl = _flat(path), _flat(twin)
+    assert set(base) == set(mcl)
+    differ = {k for k in base if base[k] != mcl[k]}
+    weights = INTERACTION | ({"LOSS.W_VCL"} if mcl["MODE"] == "supervised" else set())
+    assert differ == {"OUTPUT_DIR", *weights}
+    assert all(base[k] == 0.0 and mcl[k] > 0 for k in weights)
+
+
+def test_every_base_file_is_inherited_and_loads():
+    named = {yaml.safe_load(p.read_text()).get("_BASE_") for p in CONFIGS}
+    for base in BASES:
+        assert base.name in named, f"{base.name} is inherited by no config"
+        assert "_BASE_" not in setup_pretrain_cfg(str(base)).dump()
+
+
+def _write(path: Path, text: str) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return str(path)
+
+
+def test_base_is_relative_to_the_file_naming_it_and_recursive(tmp_path, monkeypatch):
+    _write(tmp_path / "a" / "root.yaml", "MODEL:\n  ARCH: resnet34\n  DIM: 64\nSEED: 1\n")
+    _write(tmp_path / "a" / "sub" / "mid.yaml", '_BASE_: "../root.yaml"\nMODEL:\n  DIM: 32\n')
+    leaf = _write(tmp_path / "b" / "leaf.yaml", '_BASE_: "../a/sub/mid.yaml"\nSEED: 3\n')
+    monkeypatch.chdir(tmp_path / "a" / "sub")  # not where leaf.yaml is: paths follow the files
+    cfg = setup_pretrain_cfg(leaf)
+    assert (cfg.MODEL.ARCHS, cfg.MODEL.DIM, cfg.SEED) == (["resnet34"] * 2, 32, 3)
+    assert "_BASE_" not in cfg.dump()  # what OUTPUT_DIR/config.yaml and the checkpoint hold
+    assert (
+        cfg.dump()
+        == setup_pretrain_cfg(
+            None, ["MODEL.ARCH", "resnet34", "MODEL.DIM", "32", "SEED", "3"]
+        ).dump()
+    )
+
+
+@pytest.mark.parametrize(
+    "files, needle",
+    [
+        ({"base.yaml": "MODEL:\n  NOPE: 1\n"}, "MODEL.NOPE"),  # unknown key in a base
+        ({}, "missing.yaml"),  # a base that is not there
+        ({"base.yaml": '_BASE_: "c.yaml"\n'}, "loop"),  # c -> base -> c
+    ],
+)
+def test_bad_base_is_one_user_error(tmp_path, files, needle):
+    for name, text in files.items():
+        _write(tmp_path / name, text)
+    target = "base.yaml" if files else "missing.yaml"
+    cfg = _write(tmp_path / "c.yaml", f'_BASE_: "{target}"\nSEED: 2\n')
+    with pytest.raises(MCLDetError, match=needle) as e:
+        setup_pretrain_cfg(cfg)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_base_is_one_error_line_from_the_cli(tmp_path):
+    from clitools import ROOT, one_error_line, run_tool
+
+    cfg = _write(tmp_path / "c.yaml", '_BASE_: "nowhere/missing.yaml"\n')
+    line = one_error_line(run_tool(ROOT / "pretrain" / "main.py", "--config-file", cfg))
+    assert "nowhere/missing.yaml" in line and "_BASE_" in line, line
+
+
+def test_empty_config_file_is_still_an_empty_config(tmp_path):
+    cfg = _write(tmp_path / "c.yaml", "# nothing but a comment\n")
+    assert setup_pretrain_cfg(cfg).dump() == setup_pretrain_cfg(None).dump()
+    with pytest.raises(MCLDetError, match="_BASE_"):  # only files may inherit
+        setup_pretrain_cfg(None, ["_BASE_", "x.yaml"])

@@ -190,3 +190,95 @@ def test_unknown_arch_is_user_error():
 
     with pytest.raises(MCLDetError, match="resnet18"):
         build_resnet("vgg16")
+
+
+def test_every_method_implements_the_cohort_interface():
+    """What the Trainer reads before and after building a cohort is declared by CohortMethod and
+    set by every class cohort_class can return."""
+    from mcl_det.pretrain.method import CohortMethod
+    from mcl_det.pretrain.models import COHORTS
+
+    for cls in (*COHORTS.values(), SupervisedCohort):
+        assert issubclass(cls, CohortMethod) and not cls.__abstractmethods__, cls
+        assert isinstance(cls.metric, str) and isinstance(cls.balanced_batches, bool)
+        assert isinstance(cls.min_classes, int) and cls.min_classes >= 1
+    assert (SelfSupCohort.metric, SupervisedCohort.metric) == ("knn_top1", "top1")
+
+
+def test_a_method_missing_part_of_the_interface_cannot_be_built():
+    from mcl_det.pretrain.method import CohortMethod
+
+    with pytest.raises(TypeError, match="abstract"):
+        CohortMethod()
+
+    class NoEvaluate(CohortMethod):
+        metric = "none"
+
+        @classmethod
+        def from_config(cls, cfg, num_classes=0, targets=()):
+            return cls()
+
+        def training_step(self, forward, batch):
+            raise AssertionError
+
+        def after_step(self, state):
+            pass
+
+    with pytest.raises(TypeError, match="evaluate"):
+        NoEvaluate()
+
+
+def _imported_modules(path):
+    """Every module a source file imports, at any level (function bodies too), as dotted names
+    relative to its package (``from .x import y`` -> ``.x``; ``from . import x`` -> ``.x``)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            mod = "." * node.level + (node.module or "")
+            found.add(mod)
+            found |= {f"{mod}.{a.name}" if node.module else mod + a.name for a in node.names}
+    return found
+
+
+def test_config_and_models_do_not_import_each_other():
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parents[1] / "mcl_det" / "pretrain"
+    in_config, in_models = (
+        _imported_modules(pkg / "config.py"),
+        _imported_modules(pkg / "models.py"),
+    )
+    assert not {".models", "mcl_det.pretrain.models"} & in_config
+    assert not {".config", "mcl_det.pretrain.config"} & in_models
+    assert ".choices" in in_config and ".choices" in in_models  # the names both check against
+
+
+def test_classifiers_top1_against_a_direct_count():
+    from mcl_det.pretrain.evaluation import classifiers_top1
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(5, 3, 2, 2, generator=g), torch.randint(0, 3, (5,), generator=g), 0)]
+    batches.append(
+        (torch.randn(3, 3, 2, 2, generator=g), torch.randint(0, 3, (3,), generator=g), 0)
+    )
+    heads = [torch.randn(12, 3, generator=g) for _ in range(2)]
+
+    def logits_of(x):
+        return [x.flatten(1) @ w for w in heads]
+
+    got = classifiers_top1(logits_of, 2, batches, torch.device("cpu"))
+    hits, n = [0, 0, 0], 0
+    for x, y, _ in batches:
+        lg = logits_of(x)
+        probs = [torch.softmax(v, 1) for v in lg]
+        for i in range(len(y)):
+            for m in range(2):
+                hits[m] += int(int(lg[m][i].argmax()) == int(y[i]))
+            hits[2] += int(int(((probs[0][i] + probs[1][i]) / 2).argmax()) == int(y[i]))
+            n += 1
+    assert got == pytest.approx([100.0 * h / n for h in hits])
+    assert classifiers_top1(logits_of, 2, [], torch.device("cpu")) == [0.0, 0.0, 0.0]

@@ -2,30 +2,41 @@
 
 The defaults are the paper's recipes: the self-supervised ones are MoCo v2's (the base method of the
 paper's ImageNet self-supervised experiments), the supervised ones ImageNet's. Shipped YAML files in
-``pretrain/configs/`` only override what differs; unknown keys are an error (``merge_cfg``).
+``pretrain/configs/`` only override what differs and may inherit another file with ``_BASE_`` (a
+path relative to the file naming it, as in detectron2); unknown keys are an error (``merge_cfg``).
+The names the enum keys accept are in ``choices``.
 """
 
 from __future__ import annotations
 
-from yacs.config import CfgNode as CN
+from typing import Any
 
+import yaml
+from fvcore.common.config import CfgNode
+
+from ..config import merge_cfg
 from ..utils.errors import MCLDetError
+from .choices import (
+    AMP_MODES,
+    JPEG_DECODERS,
+    MODES,
+    PIPELINES,
+    RESNETS,
+    SCHEDULES,
+    SUP_NEGATIVES,
+)
 
-# the values each enum key accepts; checked once, in setup_pretrain_cfg
-MODES = ("selfsup", "supervised")
-SCHEDULES = ("cosine", "step")
-AMP_MODES = ("", "bf16", "fp16")
-SUP_NEGATIVES = ("bank", "batch")
-PIPELINES = ("auto", "pil", "device")
-JPEG_DECODERS = ("cpu", "cuda")
 
-# config key of each MCL loss term's weight
-WEIGHT_KEYS = {
-    "vcl": "W_VCL",
-    "icl": "W_ICL",
-    "soft_vcl": "W_SOFT_VCL",
-    "soft_icl": "W_SOFT_ICL",
-}
+class CN(CfgNode):
+    """fvcore's CfgNode (a yacs CfgNode whose ``merge_from_file`` follows ``_BASE_``, always with
+    ``yaml.safe_load``); an empty or comments-only file is an empty config, as with plain yacs."""
+
+    @classmethod
+    def load_yaml_with_base(cls, filename: str, allow_unsafe: bool = False) -> dict[str, Any]:
+        with cls._open_cfg(filename) as f:
+            if yaml.safe_load(f) is None:
+                return {}
+        return super().load_yaml_with_base(filename, allow_unsafe=allow_unsafe)
 
 
 def get_pretrain_cfg() -> CN:
@@ -132,11 +143,6 @@ def get_pretrain_cfg() -> CN:
     return _C
 
 
-def loss_weights(cfg: CN) -> dict[str, float]:
-    """The four interaction weights by loss-term name (0 = term skipped entirely)."""
-    return {name: float(cfg.LOSS[key]) for name, key in WEIGHT_KEYS.items()}
-
-
 def member_archs(cfg: CN) -> list[str]:
     """One arch name per member, from a config resolved by ``setup_pretrain_cfg``."""
     return list(cfg.MODEL.ARCHS)
@@ -170,9 +176,6 @@ def setup_pretrain_cfg(
     MODEL.ARCH become one arch name per member in MODEL.ARCHS (and COHORT = its length) before
     the config is frozen, so the saved config names every member.
     """
-    from ..config import merge_cfg
-    from .models import RESNETS
-
     cfg = get_pretrain_cfg()
     merge_cfg(cfg, config_file, normalize_opts(list(opts or [])))
     archs = [str(a).strip() for a in cfg.MODEL.ARCHS]

@@ -2,8 +2,9 @@
 
 One iteration: the cohort's ``training_step`` (its forward through the DDP / compile wrapper, the
 logits, the loss terms, the values to log), backward and SGD step, then the cohort's
-``after_step`` (queue enqueue, bank update). What a method is lives in models.py; the Trainer owns
-what every method shares: data, optimizer, AMP, lr schedule, checkpoints, monitor and logging.
+``after_step`` (queue enqueue, bank update). What the loop needs from a method is the
+``CohortMethod`` interface (method.py), the methods are in models.py; the Trainer owns what every
+method shares: data, optimizer, AMP, lr schedule, checkpoints, monitor and logging.
 
 A checkpoint written during training is first kept under a temporary name and put in place only
 once the next iteration's loss, computed from its weights, is finite: a step that blows the
@@ -48,7 +49,8 @@ from .data import (
     resolve_data_root,
 )
 from .distributed import pick_device
-from .models import EvalData, cohort_class
+from .evaluation import EvalData
+from .models import cohort_class
 from .monitor import Logger, Progress, member_metrics
 
 LOGGED_TERMS = ("ce", *losses.TERMS)  # loss_<name> in every train line (null when not computed)

@@ -3,6 +3,7 @@
 Why pure functions: the cohort models, the benchmarks and the tests all need the *same* four
 terms, and the tests compare them with a loop-by-loop transcription of the paper's formulas.
 Nothing here owns state; the supervised terms (memory bank, in-batch) are in ``losses_sup``.
+``loss_weights`` is the one mapping from a config's ``LOSS.W_*`` keys to the terms.
 
 Shapes used in the comments: N batch, C embedding dim (128), K negatives, M cohort size,
 L = 1 + K logits per row, Nb memory-bank size.
@@ -26,13 +27,30 @@ autograd does the backward.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from yacs.config import CfgNode
+
 TERMS = ("vcl", "icl", "soft_vcl", "soft_icl")
 _CROSS_TERMS = frozenset({"icl", "soft_icl"})  # the only terms that need s(a->b) for a != b
+
+# config key (under LOSS) of each term's weight: the one mapping from the config to the terms
+WEIGHT_KEYS = {
+    "vcl": "W_VCL",
+    "icl": "W_ICL",
+    "soft_vcl": "W_SOFT_VCL",
+    "soft_icl": "W_SOFT_ICL",
+}
+
+
+def loss_weights(cfg: CfgNode) -> dict[str, float]:
+    """The four interaction weights of a pretraining config by term name (0 = term skipped)."""
+    return {name: float(cfg.LOSS[key]) for name, key in WEIGHT_KEYS.items()}
 
 
 def check_terms(needed: Iterable[str] | None) -> set[str]:

@@ -2,10 +2,12 @@
 
 One class per training method, as in solo-learn: ``SelfSupCohort`` (MoCo v2 base) and
 ``SupervisedCohort`` with its two variants ``BankSupervisedCohort`` (memory banks, ImageNet size)
-and ``InBatchSupervisedCohort`` (SupCon-style, small data). Each owns what makes it that method:
-its training step (forward, logits, loss terms, logged values), its
-after-step state update (queue enqueue, bank update) and its evaluation. The engine's Trainer only
-runs the loop and never asks which method it runs.
+and ``InBatchSupervisedCohort`` (SupCon-style, small data). Each implements the ``CohortMethod``
+interface (``method.py``) and owns what makes it that method: its training step (forward, logits,
+loss terms, logged values), its after-step state update (queue enqueue, bank update) and which
+monitor metric it reports (the loaders and the metric code are ``evaluation``'s). The engine's
+Trainer only runs the loop and never asks which method it runs; ``cohort_class`` is the one place
+that maps a config to a class.
 
 Key layout (the converter relies on it, see docs/DESIGN.md): member k's backbone is
 ``members.{k}.encoder.*`` with torchvision ResNet names. In selfsup mode the encoder's ``fc`` is an
@@ -19,24 +21,22 @@ are ONE buffer ``banks`` (M x Nb x C; Nb = 0 without a bank).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
 from yacs.config import CfgNode
 
 from ..utils.errors import MCLDetError
 from . import distributed as dist_utils
 from . import losses, losses_sup
-from .config import loss_weights
-from .data import SafeImageFolder, eval_transform
-from .monitor import knn_top1
-
-RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+from .choices import RESNETS
+from .evaluation import EvalData, classifiers_top1, eval_loader, members_knn_top1
+from .losses import loss_weights
+from .method import CohortMethod, Forward, Step
 
 
 def build_resnet(arch: str, num_classes: int = 0) -> nn.Module:
@@ -71,32 +71,7 @@ class MLPHead(nn.Module):
         return F.normalize(self.fc2(F.relu(self.fc1(x))), dim=1)
 
 
-class EvalData(NamedTuple):
-    """What a cohort's ``evaluate`` reads: the run's training set (kNN memory), the held-out set,
-    the device and the number of classes."""
-
-    train_set: SafeImageFolder
-    val_set: Dataset
-    device: torch.device
-    num_classes: int
-
-
-class Step(NamedTuple):
-    """What one training step hands the Trainer."""
-
-    loss: Tensor  # the scalar to back-propagate
-    terms: dict[str, Tensor]  # logged as loss_<name>
-    state: Any  # what ``after_step`` needs once the optimizer has stepped
-
-
-Forward = Callable[..., Any]  # the wrapped cohort (DDP / compile, inputs to device, autocast)
-
 ALL_TERMS = dict.fromkeys(losses.TERMS, 1.0)
-
-
-def _eval_loader(dataset, cfg) -> DataLoader:
-    bs = max(1, cfg.SOLVER.IMS_PER_BATCH // dist_utils.get_world_size())
-    return DataLoader(dataset, batch_size=bs, num_workers=cfg.DATA.NUM_WORKERS)
 
 
 # ---------------------------------------------------------------------------- self-supervised
@@ -129,7 +104,7 @@ class SelfSupMember(nn.Module):
                 pk.mul_(m).add_(pq.detach(), alpha=1.0 - m)
 
 
-class SelfSupCohort(nn.Module):
+class SelfSupCohort(CohortMethod):
     """M MoCo v2 members sharing the two crops and one lockstep queue pointer.
 
     ``forward(x_q, x_k)`` returns (qs, ks): per member NxC queries (with grad) and NxC keys (no
@@ -244,20 +219,9 @@ class SelfSupCohort(nn.Module):
 
     @torch.no_grad()
     def evaluate(self, cfg: CfgNode, data: EvalData) -> tuple[list[float], dict[str, Any]]:
-        """Weighted-kNN top-1 of each member's backbone: train images are the memory."""
-        train_eval = SafeImageFolder(
-            data.train_set.root, eval_transform(cfg.DATA.IMAGE_SIZE, cfg.DATA.EVAL_CROP), scan=False
-        )
-        train_eval.samples, train_eval.targets = data.train_set.samples, data.train_set.targets
-        memory: Any = train_eval
-        if 0 < cfg.MONITOR.KNN_MAX_TRAIN < len(train_eval):
-            g = torch.Generator().manual_seed(0)
-            pick = torch.randperm(len(train_eval), generator=g)[: cfg.MONITOR.KNN_MAX_TRAIN]
-            memory = Subset(train_eval, pick.tolist())
-        train_loader, val_loader = _eval_loader(memory, cfg), _eval_loader(data.val_set, cfg)
-        knn = (data.num_classes, data.device, cfg.MONITOR.KNN_K, cfg.MONITOR.KNN_T)
-        values = [knn_top1(m.encoder, train_loader, val_loader, *knn) for m in self.members]
-        return values, {}
+        """Weighted-kNN top-1 of each member's backbone (the query encoder): labels are not
+        trained on, so a kNN over the training images is the monitor."""
+        return members_knn_top1([m.encoder for m in self.members], cfg, data), {}
 
 
 # ---------------------------------------------------------------------------- supervised
@@ -278,7 +242,7 @@ class SupervisedMember(nn.Module):
         return self.encoder.fc(f), self.head(f)
 
 
-class SupervisedCohort(nn.Module):
+class SupervisedCohort(CohortMethod):
     """M classifiers on the same batch: sum_m CE_m + the weighted MCL terms of a variant.
 
     This base class has no interaction terms (every member trains alone); the two variants
@@ -363,18 +327,9 @@ class SupervisedCohort(nn.Module):
         """Top-1 (percent) of each member's classifier and of their ensemble (mean softmax)."""
         was = self.training
         self.eval()
-        correct = torch.zeros(len(self.members) + 1)
-        n = 0
-        device = data.device
-        for x, y, _ in _eval_loader(data.val_set, cfg):
-            x, y = x.to(device), torch.as_tensor(y).to(device)
-            logits, _ = self(x)
-            probs = [F.softmax(lg.float(), dim=1) for lg in logits]
-            preds = [p.argmax(1) for p in probs] + [torch.stack(probs).mean(0).argmax(1)]
-            correct += torch.tensor([float((p == y).sum()) for p in preds])
-            n += y.numel()
+        loader = eval_loader(data.val_set, cfg)
+        acc = classifiers_top1(lambda x: self(x)[0], len(self.members), loader, data.device)
         self.train(was)
-        acc = (100.0 * correct / max(n, 1)).tolist()
         return acc[:-1], {"ensemble_top1": acc[-1]}
 
 
@@ -483,19 +438,19 @@ def sample_bank_indices(
 
 # ---------------------------------------------------------------------------- choosing one
 
-COHORTS: dict[tuple[str, str], type[nn.Module]] = {
+COHORTS: dict[tuple[str, str], type[CohortMethod]] = {
     ("selfsup", ""): SelfSupCohort,
     ("supervised", "bank"): BankSupervisedCohort,
     ("supervised", "batch"): InBatchSupervisedCohort,
 }
 
 
-def cohort_class(cfg: CfgNode) -> type[nn.Module]:
+def cohort_class(cfg: CfgNode) -> type[CohortMethod]:
     """The method class a (validated) config asks for: MODE, and SUP.NEGATIVES when supervised."""
     return COHORTS[(cfg.MODE, cfg.SUP.NEGATIVES if cfg.MODE == "supervised" else "")]
 
 
-def build_cohort(cfg: CfgNode, num_classes: int = 0, targets: Sequence[int] = ()) -> nn.Module:
+def build_cohort(cfg: CfgNode, num_classes: int = 0, targets: Sequence[int] = ()) -> CohortMethod:
     """Build the cohort of a resolved config (MODEL.ARCHS names every member).
 
     ``targets``: the training labels in dataset order (class-sorted), which the memory-bank
