@@ -177,10 +177,12 @@ def _timed_steps(trainer, batches: Iterator, s: dict, device_stage: bool) -> tup
     return round(time.perf_counter() - t0, 6), round(wait, 6)
 
 
-def _device_stage_ms(trainer, batches: Iterator, n: int) -> float:
+def _device_stage_ms(trainer, batches: Iterator, n: int) -> tuple[float, list[dict]]:
     """Median time of the device stage alone (copy + batched augmentation) on ``n`` batches: the
-    part of the real-input step the synthetic one skips."""
-    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+    part of the real-input step the synthetic one skips; and, on a GPU, the profiler's top
+    kernels of one more call (where that time goes)."""
+    cuda = trainer.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     times = []
     for _ in range(n):
         batch = next(batches)
@@ -189,7 +191,19 @@ def _device_stage_ms(trainer, batches: Iterator, n: int) -> float:
         trainer.pipeline.device_stage(batch)
         sync()
         times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times)
+    top: list[dict] = []
+    if cuda:
+        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        batch = next(batches)
+        with torch.profiler.profile(activities=acts) as prof:
+            trainer.pipeline.device_stage(batch)
+            sync()
+        rows = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
+        top = [
+            {"op": e.key, "calls": e.count, "cuda_ms": round(e.self_device_time_total / 1000, 3)}
+            for e in rows[:10]
+        ]
+    return statistics.median(times), top
 
 
 def bench_feed(args) -> dict:
@@ -234,7 +248,7 @@ def bench_feed(args) -> dict:
         synthetic_s, _ = _timed_steps(trainer, itertools.repeat((views, None, None)), s, False)
         batches = _loader_batches(trainer)
         real_s, wait = _timed_steps(trainer, batches, s, True)
-        stage_ms = _device_stage_ms(trainer, batches, s["warmup"] + 2)
+        stage_ms, stage_top = _device_stage_ms(trainer, batches, s["warmup"] + 2)
         batches.close()  # stops the workers before their folder goes
     dev = trainer.device
     images = s["steps"] * s["batch"]  # per timed run, each
@@ -260,6 +274,7 @@ def bench_feed(args) -> dict:
         "real_over_synthetic": round(real / synthetic, 3),
         "real_data_wait_s": round(wait, 3),
         "device_stage_ms_per_batch": round(stage_ms, 2),
+        "device_stage_top_cuda_ops": stage_top,
         "target": ">= 0.9",
         "meets_target": real / synthetic >= 0.9,
         "torch": torch.__version__,

@@ -151,6 +151,7 @@ def collect(work: Path, log_path: Path | None = None) -> dict[str, Any]:
             "real_over_synthetic",
             "real_data_wait_s",
             "device_stage_ms_per_batch",
+            "device_stage_top_cuda_ops",
             "workers",
             "cpu_count",
             "pipeline",
