@@ -6,5 +6,5 @@ method: torchvision ResNets with heads, queues, banks), ``data`` (ImageFolder, a
 input pipeline), ``augment`` (the batched device-side aug+), ``distributed``
 (single-process-safe DDP helpers, shuffle-BN), ``engine`` (train loop), ``checkpoint`` (the
 ``mcl_det.pretrain/v1`` file), ``monitor`` (kNN, logs), ``linear_eval``.
-Entry point: ``pretrain/main.py`` -> ``engine.launch_training``.
+Entry point: ``pretrain/main.py`` -> ``mcl_det.cli.pretrain`` (``launch_training``).
 """
