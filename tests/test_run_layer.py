@@ -252,3 +252,13 @@ def test_stage_jobs_run_the_commands_as_modules_where_they_were_submitted(tmp_pa
         *(py, "-m", "mcl_det.cli.train_net", "--auto-resume", "--num-gpus", "8"),
         *("--num-machines", "2", "--machine-rank", "1", "--dist-url", "tcp://h0:23456", "X", "1"),
     ]
+
+
+def test_pretrain_default_config_is_the_checkouts_toy_config(tmp_path, monkeypatch):
+    from mcl_det.cli import pretrain
+
+    assert pretrain.default_config() == str(pretrain.TOY) and pretrain.TOY.is_file()
+    assert pretrain.TOY == Path(__file__).resolve().parents[1] / "pretrain/configs/toy.yaml"
+    monkeypatch.setattr(pretrain, "TOY", tmp_path / "site-packages" / "pretrain" / "toy.yaml")
+    with pytest.raises(MCLDetError, match=r"not with an installed mcl_det\); pass --config-file$"):
+        pretrain.default_config()
