@@ -32,11 +32,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mcl_det.pretrain import losses  # noqa: E402
-from mcl_det.pretrain.models import SelfSupCohort  # noqa: E402
-from mcl_det.utils.malloc import keep_freed_memory  # noqa: E402
+from mcl_det.pretrain import losses
+from mcl_det.pretrain.models import SelfSupCohort
+from mcl_det.utils.malloc import keep_freed_memory
 
 ALL = {"vcl": 1.0, "icl": 1.0, "soft_vcl": 1.0, "soft_icl": 1.0}
 MOCO = {"vcl": 1.0, "icl": 0.0, "soft_vcl": 0.0, "soft_icl": 0.0}

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,12 +22,11 @@ from pathlib import Path
 import torch
 import torchvision
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from mcl_det import convert
+from mcl_det.pretrain.checkpoint import FORMAT, member_prefix
+from mcl_det.utils.io import atomic_write_json
 
-from mcl_det import convert  # noqa: E402
-from mcl_det.pretrain.checkpoint import FORMAT, member_prefix  # noqa: E402
-from mcl_det.utils.io import atomic_write_json  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TARGET_S = 10.0
 

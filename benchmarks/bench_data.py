@@ -27,7 +27,6 @@ import itertools
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -38,16 +37,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mcl_det.pretrain.augment import augment_batch, moco_recipe  # noqa: E402
-from mcl_det.pretrain.data import (  # noqa: E402
+from mcl_det.pretrain.augment import augment_batch, moco_recipe
+from mcl_det.pretrain.data import (
     CropViews,
     SafeImageFolder,
     TwoCrops,
     moco_v2_transform,
 )
-from mcl_det.utils.io import atomic_write_json  # noqa: E402
+from mcl_det.utils.io import atomic_write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

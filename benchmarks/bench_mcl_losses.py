@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -46,13 +45,12 @@ import torchvision
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from mcl_det.pretrain import losses as L
+from mcl_det.pretrain.models import SelfSupCohort
+from mcl_det.utils.io import atomic_write_json
+from mcl_det.utils.malloc import keep_freed_memory
 
-from mcl_det.pretrain import losses as L  # noqa: E402
-from mcl_det.pretrain.models import SelfSupCohort  # noqa: E402
-from mcl_det.utils.io import atomic_write_json  # noqa: E402
-from mcl_det.utils.malloc import keep_freed_memory  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 ALL = dict.fromkeys(L.TERMS, 1.0)
 VCL_ONLY = {"vcl": 1.0, "icl": 0.0, "soft_vcl": 0.0, "soft_icl": 0.0}

@@ -19,21 +19,19 @@ import gc
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+from detectron2.engine import DefaultTrainer, HookBase
+
+from mcl_det.data.toy import make_toy_coco, make_toy_voc
+from mcl_det.detection.datasets import prepare_datasets
+from mcl_det.detection.train import Trainer, setup_cfg
+from mcl_det.utils.io import atomic_write_json
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-from detectron2.engine import DefaultTrainer, HookBase  # noqa: E402
-
-from mcl_det.data.toy import make_toy_coco, make_toy_voc  # noqa: E402
-from mcl_det.detection.datasets import prepare_datasets  # noqa: E402
-from mcl_det.detection.train import Trainer, setup_cfg  # noqa: E402
-from mcl_det.utils.io import atomic_write_json  # noqa: E402
 
 CONFIGS = ROOT / "detection_configs"
 TOY_CONFIGS = [

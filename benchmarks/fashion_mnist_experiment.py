@@ -49,9 +49,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 from stages import ROOT, Stages  # noqa: E402  (first: it puts the checkout on sys.path)
 
+from mcl_det.cli.run import run_main  # noqa: E402
 from mcl_det.data.fashion_mnist import ensure_fashion_mnist, export_imagefolder  # noqa: E402
 from mcl_det.data.scenes import make_fashion_scenes  # noqa: E402
-from mcl_det.utils.cli import run_main  # noqa: E402
 from mcl_det.utils.errors import MCLDetError  # noqa: E402
 from mcl_det.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 

@@ -12,15 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mcl_det.pretrain.models import SelfSupCohort  # noqa: E402
+from mcl_det.pretrain.models import SelfSupCohort
 
 WEIGHTS = {"vcl": 1.0, "icl": 1.0, "soft_vcl": 1.0, "soft_icl": 1.0}
 

@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from mcl_det.pretrain import losses_sup as S
+from mcl_det.utils.io import atomic_write_json
 
-from mcl_det.pretrain import losses_sup as S  # noqa: E402
-from mcl_det.utils.io import atomic_write_json  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TERMS = ("vcl", "icl", "soft_vcl", "soft_icl")
 

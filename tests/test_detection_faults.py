@@ -301,8 +301,8 @@ def save(obj, f, *a, **k):  # the first checkpoint write of this run breaks off 
     os.kill(os.getpid(), signal.SIGKILL if mode == "kill" else signal.SIGINT)
     time.sleep(5)
 torch.save = save
-from mcl_det.utils.cli import run_main
-from mcl_det.detection.train import main
+from mcl_det.cli.run import run_main
+from mcl_det.cli.train_net import main
 run_main(lambda: main(sys.argv[1:]))
 """
 

@@ -36,7 +36,7 @@ SCRIPT = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
 import torch
-from mcl_det.utils.cli import run_main
+from mcl_det.cli.run import run_main
 from mcl_det.utils.io import atomic_torch_save
 from mcl_det.utils import preempt
 

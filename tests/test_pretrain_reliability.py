@@ -314,7 +314,7 @@ def test_submitit_job_requeued_on_preemption_finishes_with_same_weights(
     data_root, reference, tmp_path, monkeypatch
 ):
     pytest.importorskip("submitit")
-    from mcl_det import submit
+    from mcl_det.cli import submit
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the job unpickles this checkout's mcl_det

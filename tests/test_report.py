@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from mcl_det.report import build_report, group_name, main, render
+from mcl_det.cli.report import main
+from mcl_det.report import build_report, group_name, render
 from mcl_det.report.stats import PAIRED, WELCH, compare, mean_std
 from mcl_det.report.tables import load_reference
 from mcl_det.utils.errors import MCLDetError

@@ -161,7 +161,7 @@ def test_submitit_job_requeued_on_preemption_finishes_with_same_weights(
     toy_root, tmp_path, uninterrupted, monkeypatch
 ):
     pytest.importorskip("submitit")
-    from mcl_det import submit
+    from mcl_det.cli import submit
 
     for k, v in _env(toy_root).items():
         monkeypatch.setenv(k, v)

@@ -118,7 +118,7 @@ def test_atomic_json(tmp_path):
 
 def test_run_main_user_error_is_one_line(tmp_path):
     code = (
-        "from mcl_det.utils.cli import run_main\n"
+        "from mcl_det.cli.run import run_main\n"
         "from mcl_det.utils.errors import MCLDetError\n"
         "def main():\n    raise MCLDetError('dataset not found: /x; pass DATA.ROOT')\n"
         "run_main(main)\n"

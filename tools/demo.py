@@ -19,7 +19,7 @@ from pathlib import Path
 
 from stages import ROOT, Stages  # first: it puts the checkout on sys.path
 
-from mcl_det.utils.cli import run_main
+from mcl_det.cli.run import run_main
 
 # tag -> pretraining config; "baseline" is the same cohort with every interaction weight at 0
 COHORTS = {"mcl": "pretrain/configs/toy.yaml", "baseline": "pretrain/configs/toy_baseline.yaml"}

@@ -1,48 +1,7 @@
-"""Linear evaluation of one cohort member: ``python tools/linear_eval.py CKPT --member K``.
+"""Linear evaluation of one cohort member: the command ``mcl_det.cli.linear_eval``."""
 
-MoCo protocol (frozen backbone in eval mode, lr 30, 100 epochs, steps 60/80, wd 0); the config is
-the one stored in the checkpoint, overridable with --config-file and trailing KEY VALUE pairs
-(LINEAR.*, DATA.ROOT, ...); flags may come before or after the checkpoint. Writes
-OUTPUT_DIR/linear_eval.json (default: next to the checkpoint).
-"""
-
-import argparse
-import json
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mcl_det.utils.cli import run_main  # noqa: E402
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("checkpoint", help="pretraining checkpoint (checkpoint_last.pth)")
-    p.add_argument("--member", type=int, default=0, help="cohort member index")
-    p.add_argument("--config-file", default=None)
-    p.add_argument("--output-dir", default=None)
-    p.add_argument(
-        "--unsafe-load",
-        action="store_true",
-        help="unpickle a checkpoint holding Python objects beyond tensors and plain values "
-        "(unpickling can run code: only for files you trust)",
-    )
-    p.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides")
-    # intermixed: `CKPT --member 1 DATA.ROOT /x` as well as `--member 1 CKPT DATA.ROOT /x`
-    return p.parse_intermixed_args(argv)
-
-
-def main() -> int:
-    a = parse_args()
-    from mcl_det.pretrain.linear_eval import run_linear_eval
-
-    result = run_linear_eval(
-        a.checkpoint, a.member, a.config_file, a.opts, a.output_dir, unsafe_load=a.unsafe_load
-    )
-    print(json.dumps(result, indent=2))
-    return 0
-
+from mcl_det.cli.linear_eval import main
+from mcl_det.cli.run import run_main
 
 if __name__ == "__main__":
     run_main(main)

@@ -17,41 +17,29 @@ What we add on top of detectron2's loop (and nothing inside it, so iterations co
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import logging
 import math
-import multiprocessing
 import os
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from detectron2.config import CfgNode
-from detectron2.engine import (
-    DefaultTrainer,
-    HookBase,
-    default_argument_parser,
-    default_setup,
-    launch,
-)
+from detectron2.engine import DefaultTrainer, HookBase
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
-from detectron2.utils.logger import setup_logger
 from torch import nn
 
-from ..config import merge_cfg, same_run_check, save_cfg
+from ..config import merge_cfg, save_cfg
 from ..utils import preempt
 from ..utils.errors import MCLDetError
 from ..utils.io import atomic_write_json, sha256_file
 from ..utils.rng import rng_state, set_rng_state
-from ..utils.rundir import check_output_path, open_run_dir
 from ..weights_settings import check_weights_against_config
-from .checkpoint import UNSAFE_LOAD_FLAG, SafeCheckpointer, read_weights
+from .checkpoint import SafeCheckpointer, read_weights
 from .config import config_digest, get_detection_cfg
 from .datasets import dataset_task, prepare_datasets
 from .evaluation import build_evaluator
@@ -445,7 +433,7 @@ class StopRequestHook(HookBase):
         self._stack.close()
 
 
-# ----------------------------------------------------------------------------- CLI
+# ----------------------------------------------------------------------------- outputs
 
 
 # Everything train_net writes into an OUTPUT_DIR (and into OUTPUT_DIR/seed{K} with --trials): its
@@ -462,149 +450,3 @@ _OUTPUTS = (
 )
 RUN_OUTPUTS = _OUTPUTS + tuple(f"seed*/{x}" for x in _OUTPUTS)
 RUN_CHECKPOINTS = ("last_checkpoint", "seed*/last_checkpoint")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """detectron2's parser (--config-file, --num-gpus, --resume, --eval-only, ...) + --trials,
-    --overwrite, --auto-resume, --exact-resume."""
-    p = default_argument_parser(
-        epilog="Trailing KEY VALUE pairs override the config, e.g. SOLVER.MAX_ITER 200. "
-        "IMS_PER_BATCH is the total batch over all GPUs. SIGTERM/SIGUSR1 stop after the current "
-        "iteration with a checkpoint and exit code 75 (requeue); --auto-resume continues."
-    )
-    p.add_argument(
-        "--trials",
-        type=int,
-        default=0,
-        help="run N seeds (0..N-1) of this config into OUTPUT_DIR/seed{K} (or set MCL_DET.SEEDS)",
-    )
-    p.add_argument(
-        UNSAFE_LOAD_FLAG,
-        action="store_true",
-        help="load MODEL.WEIGHTS / checkpoints that need more than arrays and plain containers "
-        "(full unpickling can run code: only for files you trust)",
-    )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="OUTPUT_DIR holds an earlier run: delete its outputs and start afresh",
-    )
-    p.add_argument(
-        "--auto-resume",
-        action="store_true",
-        help="resume if OUTPUT_DIR holds this run's checkpoint, else start (requeued jobs)",
-    )
-    p.add_argument(
-        "--exact-resume",
-        action="store_true",
-        help="on resume, replay the data loader to the checkpoint so the run continues "
-        "bit-exactly on CPU (costs the data loading of the done iterations)",
-    )
-    return p
-
-
-def _finished(cfg: CfgNode) -> dict | None:
-    """The results.json of a trial that already ran to the end of this schedule, else None."""
-    try:
-        res = json.loads(open(os.path.join(cfg.OUTPUT_DIR, "results.json")).read())
-    except (OSError, ValueError):
-        return None
-    done = res.get("finished") and res.get("iteration", -1) >= cfg.SOLVER.MAX_ITER
-    return res if done and res.get("config_digest") == config_digest(cfg) else None
-
-
-def worker(args: argparse.Namespace) -> list[dict]:
-    """Per-process body (called by detectron2's ``launch``): all trials, one after another."""
-    cfg = setup_cfg(args.config_file, args.opts, cpu=args.num_gpus == 0)
-    default_setup(cfg, args)  # fvcore/detectron2 loggers, environment, config.yaml, seeding
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="mcl_det")
-    out = []
-    try:
-        with preempt.handle_preemption():
-            for c in trial_cfgs(cfg, args.trials):
-                done = _finished(c) if args.resume and not args.eval_only else None
-                if done is not None:  # a requeued --trials job: keep the trials already done
-                    logger.info("%s already finished: results.json kept", c.OUTPUT_DIR)
-                    out.append(done)
-                    continue
-                out.append(
-                    run_one(c, args.resume, args.eval_only, args.exact_resume, args.unsafe_load)
-                )
-    except preempt.Preempted as e:
-        if comm.get_world_size() == 1:
-            raise
-        if comm.is_main_process():  # a spawned worker: the launcher turns the code into Preempted
-            print(f"preempted: {e}", file=sys.stderr, flush=True)
-        sys.exit(preempt.EXIT_PREEMPTED)
-    return out
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``tools/train_net.py``: parse, validate the config and OUTPUT_DIR once here, launch the
-    workers (the OUTPUT_DIR lock is held by this process until they are done)."""
-    args = build_parser().parse_args(argv)
-    if args.trials < 0:
-        raise MCLDetError("--trials must be >= 0")
-    chosen = [f for f in ("resume", "auto_resume", "overwrite") if getattr(args, f)]
-    if len(chosen) > 1:
-        flags = " and ".join("--" + f.replace("_", "-") for f in chosen)
-        raise MCLDetError(f"{flags} contradict each other; pass one of them")
-    n_cuda = torch.cuda.device_count()
-    if args.num_gpus > 1 and n_cuda < args.num_gpus:
-        raise MCLDetError(
-            f"--num-gpus {args.num_gpus} but {n_cuda} CUDA device(s) visible; lower --num-gpus"
-        )
-    # Validate config, output folder and datasets before spawning anything: errors stay one line
-    # in the parent, and nothing expensive runs into a folder that cannot be written.
-    world = max(args.num_gpus, 1) * args.num_machines
-    cfg = setup_cfg(args.config_file, args.opts, world_size=world, cpu=args.num_gpus == 0)
-    run_dir = None
-    if args.machine_rank == 0:  # the other machines write into the same (shared) folder
-        if args.overwrite:
-            mode = "overwrite"
-        elif args.resume or args.eval_only:
-            mode = "resume"  # --eval-only evaluates into the folder of the run it evaluates
-        else:
-            mode = "auto" if args.auto_resume else "new"
-        run_dir = open_run_dir(
-            cfg.OUTPUT_DIR,
-            mode,
-            RUN_OUTPUTS,
-            checkpoints=RUN_CHECKPOINTS,
-            keep=[cfg.MODEL.WEIGHTS] if "://" not in cfg.MODEL.WEIGHTS else [],
-            run_differs=same_run_check(trial_cfgs(cfg, args.trials), ("SEED", "OUTPUT_DIR")),
-        )
-        for f in run_dir.removed_tmp:
-            print(f"removed a stale temporary file: {f}", file=sys.stderr)
-        args.resume = run_dir.resume
-    else:
-        check_output_path(cfg.OUTPUT_DIR, "dir", "OUTPUT_DIR")
-        args.resume = args.resume or args.auto_resume
-    try:
-        prepare_datasets(cfg)
-        check_weights(cfg, args.unsafe_load)
-        nprocs = args.num_gpus if n_cuda else 1
-        forward = (
-            preempt.forward_signals(lambda: [c.pid for c in multiprocessing.active_children()])
-            if nprocs > 1
-            else contextlib.nullcontext()
-        )
-        with forward:
-            launch(
-                worker,
-                nprocs,
-                num_machines=args.num_machines,
-                machine_rank=args.machine_rank,
-                dist_url=args.dist_url,
-                args=(args,),
-            )
-    except torch.multiprocessing.ProcessExitedException as e:
-        if e.exit_code != preempt.EXIT_PREEMPTED:
-            raise
-        raise preempt.Preempted(
-            f"worker processes stopped with a checkpoint in {cfg.OUTPUT_DIR}"
-        ) from None
-    finally:
-        if run_dir is not None:
-            run_dir.release()
-    return 0

@@ -8,5 +8,5 @@ queues, banks), ``data`` (ImageFolder, aug+, samplers, the input pipeline), ``au
 batched device-side aug+), ``distributed`` (single-process-safe DDP helpers, shuffle-BN),
 ``engine`` (train loop), ``checkpoint`` (the ``mcl_det.pretrain/v1`` file), ``evaluation`` (the
 monitor's data and per-member metrics), ``monitor`` (kNN, logs), ``linear_eval``.
-Entry point: ``pretrain/main.py`` -> ``engine.launch_training``.
+Entry point: ``pretrain/main.py`` -> ``mcl_det.cli.pretrain`` (``launch_training``).
 """

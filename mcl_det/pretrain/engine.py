@@ -18,7 +18,6 @@ from __future__ import annotations
 import inspect
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -31,16 +30,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 from yacs.config import CfgNode
 
-from ..config import config_changes, same_run_check, save_cfg
+from ..config import config_changes, save_cfg
 from ..utils import preempt
 from ..utils.errors import MCLDetError
 from ..utils.malloc import keep_freed_memory
 from ..utils.rng import rng_state, set_rng_state
-from ..utils.rundir import check_output_path, open_run_dir
 from . import distributed as du
 from . import losses
 from .checkpoint import LAST, load_checkpoint, load_model_state, save_checkpoint
-from .config import member_archs, setup_pretrain_cfg
+from .config import member_archs
 from .data import (
     EpochBatchSampler,
     InputPipeline,
@@ -485,94 +483,3 @@ def train(cfg: CfgNode, resume: bool = False) -> dict[str, Any]:
         return trainer.train()
     finally:
         trainer.logger.close()
-
-
-def _worker_train(cfg_yaml: str, resume: bool) -> None:
-    """Body of one spawned process: a user error ends it with one line (exit 2), a requested
-    stop with exit 75 after the checkpoint, Ctrl-C quietly (the launcher reports it)."""
-    from yacs.config import CfgNode
-
-    cfg = CfgNode.load_cfg(cfg_yaml)
-    cfg.freeze()
-    try:
-        with preempt.handle_preemption():
-            train(cfg, resume)
-    except MCLDetError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except preempt.Preempted as e:
-        if du.get_rank() == 0:
-            print(f"preempted: {e}", file=sys.stderr, flush=True)
-        sys.exit(preempt.EXIT_PREEMPTED)
-    except KeyboardInterrupt:
-        sys.exit(preempt.EXIT_INTERRUPTED)
-    finally:
-        du.cleanup_distributed()
-
-
-def launch_training(
-    config_file: str | None,
-    opts: list[str] | None = None,
-    cohort: int | None = None,
-    amp: str | None = None,
-    mode: str = "new",
-    num_procs: int = 1,
-) -> dict[str, Any] | None:
-    """Resolve the config, take OUTPUT_DIR (errors surface before anything starts) and train in
-    1..N processes.
-
-    ``mode`` (``mcl_det.utils.rundir.RUN_MODES``): ``new`` refuses an OUTPUT_DIR holding another
-    run, ``resume`` continues it, ``auto`` continues this run's checkpoint if there is one (else
-    starts), ``overwrite`` deletes the earlier run's outputs first. Under torchrun every rank
-    calls this; rank 0 holds the folder and its decision is broadcast in the Trainer.
-    Returns the run summary in a single process (None when several processes were spawned).
-    """
-    cfg = setup_pretrain_cfg(config_file, opts, cohort, amp)
-    run_dir = None
-    if int(os.environ.get("RANK", "0")) == 0:
-        run_dir = open_run_dir(
-            cfg.OUTPUT_DIR,
-            mode,
-            RUN_OUTPUTS,
-            checkpoints=RUN_CHECKPOINTS,
-            run_differs=same_run_check([cfg]),
-        )
-        for f in run_dir.removed_tmp:
-            print(f"removed a stale temporary file: {f}", file=sys.stderr, flush=True)
-        resume = run_dir.resume
-    else:
-        check_output_path(cfg.OUTPUT_DIR, "dir", "OUTPUT_DIR")
-        resume = mode == "resume"  # replaced by rank 0's decision
-    try:
-        if num_procs <= 1:
-            try:
-                with preempt.handle_preemption():
-                    return train(cfg, resume)
-            finally:
-                du.cleanup_distributed()
-        return _spawn(cfg, resume, num_procs)
-    finally:
-        if run_dir is not None:
-            run_dir.release()
-
-
-def _spawn(cfg: CfgNode, resume: bool, num_procs: int) -> None:
-    """``--num-gpus N``: N local processes; stop signals are passed on to them."""
-    import multiprocessing
-
-    children = multiprocessing.active_children
-    try:
-        with preempt.forward_signals(lambda: [c.pid for c in children()]):
-            du.launch(_worker_train, num_procs, (cfg.dump(), resume))
-    except torch.multiprocessing.ProcessExitedException as e:
-        if e.exit_code == preempt.EXIT_PREEMPTED:
-            raise preempt.Preempted(
-                f"worker processes stopped with a checkpoint in {cfg.OUTPUT_DIR}"
-            ) from None
-        raise MCLDetError(
-            f"a training process failed (exit code {e.exit_code}); see the lines above"
-        ) from None
-    except Exception as e:  # a child already printed its own error line
-        raise MCLDetError(
-            f"a training process failed ({type(e).__name__}); see the lines above"
-        ) from None

@@ -5,7 +5,8 @@ Public API:
     build_report(inputs, baseline=None, per_class=False, reference=None, decimals=1)
         -> (Report, Collection)
     render(report, fmt)  # fmt in md | csv | latex | json
-    main(argv=None)      # the CLI behind tools/report.py
+
+The command behind tools/report.py is ``mcl_det.cli.report``.
 
 Grouping rule: runs with the same task, test datasets and detector are one table; inside it, a
 run's group is its ``weights_tag``, else its ``run_name`` minus a trailing ``_seedN``/``-sN``
@@ -14,21 +15,14 @@ run's group is its ``weights_tag``, else its ``run_name`` minus a trailing ``_se
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Sequence
 
 from ..utils.errors import MCLDetError
-from ..utils.io import atomic_write_text
-from ..utils.rundir import check_output_path
 from .collect import Collection, collect, group_name
-from .plots import plot_bars, plot_curves
-from .render import FORMATS, Report, render
+from .render import Report, render
 from .tables import build_sections, load_reference, summarize_pretrain
 
-__all__ = ["build_report", "collect", "group_name", "main", "render", "Report"]
-
-_EXT_FORMAT = {".md": "md", ".csv": "csv", ".tex": "latex", ".json": "json"}
+__all__ = ["build_report", "collect", "group_name", "render", "Report"]
 
 
 def build_report(
@@ -55,51 +49,3 @@ def build_report(
     pretrain = [summarize_pretrain(log) for log in col.logs]
     rep = Report(sections, pretrain, list(col.warnings), skipped, decimals)
     return rep, col
-
-
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="tools/report.py",
-        description="AP tables (mean ± std over seeds, deltas vs the baseline) from run folders.",
-    )
-    ap.add_argument("inputs", nargs="+", metavar="RUN_DIR_OR_GLOB", help="searched recursively")
-    ap.add_argument("--baseline", help="group to compare against (default: the one named baseline)")
-    ap.add_argument("--format", choices=FORMATS, help="default: from --output's extension, else md")
-    ap.add_argument("--output", help="write the table here (atomically) instead of stdout")
-    ap.add_argument("--plot", metavar="FILE.png", help="grouped bars with error bars per metric")
-    ap.add_argument("--curves", metavar="FILE.png", help="loss / AP vs iteration (metrics.json)")
-    ap.add_argument("--reference", metavar="FILE.yaml", help="published numbers shown beside ours")
-    ap.add_argument("--per-class", action="store_true", help="also per-class AP tables")
-    ap.add_argument("--decimals", type=int, default=1, help="digits after the point (default 1)")
-    return ap
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: exit 0 with a table (skipped runs listed on stderr), MCLDetError when nothing usable."""
-    a = _parser().parse_args(argv)
-    fmt = a.format
-    if fmt is None:
-        ext = "." + a.output.rsplit(".", 1)[-1].lower() if a.output and "." in a.output else ""
-        fmt = _EXT_FORMAT.get(ext, "md")
-    if a.decimals < 0 or a.decimals > 6:
-        raise MCLDetError(f"--decimals {a.decimals} is out of range; use 0..6")
-    for flag, path in (("--output", a.output), ("--plot", a.plot), ("--curves", a.curves)):
-        if path is not None:  # before reading any run: a bad path is one line, not a traceback
-            check_output_path(path, "file", flag)
-    rep, col = build_report(a.inputs, a.baseline, a.per_class, a.reference, a.decimals)
-    text = render(rep, fmt)
-    # figures first: a failure there must not leave a fresh table next to a stale figure
-    if a.plot:
-        plot_bars(rep.sections, a.plot)
-    if a.curves:
-        plot_curves(col.curves, a.curves)
-    for w in rep.warnings + [w for s in rep.sections for w in s.warnings]:
-        print(f"warning: {w}", file=sys.stderr)
-    for p, r in rep.skipped:
-        print(f"skipped: {p}: {r}", file=sys.stderr)
-    if a.output:
-        atomic_write_text(a.output, text)
-        print(f"wrote {a.output}", file=sys.stderr)
-    else:
-        sys.stdout.write(text)
-    return 0

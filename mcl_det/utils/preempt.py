@@ -5,8 +5,9 @@ killing, or the ``--signal`` of the job, SIGUSR1/SIGUSR2). Killing the process t
 everything since the last periodic checkpoint and can tear a checkpoint in half, so the handlers
 installed here only raise a flag while a training loop runs; the loop polls it once per iteration
 (cheap: one attribute read), writes an atomic checkpoint and raises :class:`Preempted`, which
-``run_main`` turns into exit code :data:`EXIT_PREEMPTED`. Outside the loop (model building,
-evaluation) there is no step to finish, so a signal raises :class:`Preempted` at once.
+``mcl_det.cli.run`` (``run_main``, ``worker_main``) turns into exit code :data:`EXIT_PREEMPTED`.
+Outside the loop (model building, evaluation) there is no step to finish, so a signal raises
+:class:`Preempted` at once.
 
 Usage (the same in pretraining and detection)::
 
