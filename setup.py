@@ -13,6 +13,7 @@ setup(
     description="Mutual Contrastive Learning (MCL) pretraining and detectron2 detection transfer",
     python_requires=">=3.10",
     packages=find_packages(include=("mcl_det", "mcl_det.*")),
+    package_data={"mcl_det.study": ["figures.json"]},
     install_requires=[
         "numpy",
         "yacs>=0.1.8",

@@ -13,6 +13,7 @@ requeue, which resumes from that checkpoint. Running the command as a child keep
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import signal
@@ -28,8 +29,17 @@ from .utils.preempt import EXIT_PREEMPTED
 if TYPE_CHECKING:  # imported where it is used: the library imports without submitit
     import submitit
 
-# stage -> the module of its command (``python -m``): the installed package's, not a checkout's
-STAGES = {"detect": "mcl_det.cli.train_net", "pretrain": "mcl_det.cli.pretrain"}
+# stage -> the module of its command (``python -m``): the installed package's, not a checkout's.
+# tools/submit.py submits the first two; a study (mcl_det/study) runs all of them as jobs.
+STAGES = {
+    "detect": "mcl_det.cli.train_net",
+    "pretrain": "mcl_det.cli.pretrain",
+    "export": "mcl_det.cli.convert_to_d2",
+    "data": "mcl_det.cli.make_toy_data",
+    "report": "mcl_det.cli.study",
+}
+# the stages that checkpoint, resume (--auto-resume) and run on several GPUs / machines
+RESUMABLE = ("detect", "pretrain")
 
 
 class StageJob:
@@ -38,7 +48,9 @@ class StageJob:
     ``argv``: the stage's own arguments (config file, KEY VALUE overrides). On each node the
     distributed flags are added from submitit's job environment. ``cwd``: where the stage runs,
     so that relative paths (config files, OUTPUT_DIR) mean what they meant where the job was
-    submitted (default: the current folder).
+    submitted (default: the current folder). ``overwrite``: the first attempt replaces the run in
+    OUTPUT_DIR (``--overwrite``: a study's ``--force``); a requeued attempt always continues it.
+    ``env``: variables added to the stage's environment.
     """
 
     def __init__(
@@ -51,6 +63,8 @@ class StageJob:
         grace_s: float = 120.0,
         port: int | None = None,
         cwd: str | os.PathLike | None = None,
+        overwrite: bool = False,
+        env: dict[str, str] | None = None,
     ) -> None:
         if stage not in STAGES:
             raise MCLDetError(f"unknown stage {stage!r}; use one of {', '.join(STAGES)}")
@@ -61,6 +75,8 @@ class StageJob:
         self.grace_s = grace_s
         self.port = port or random.randint(20000, 60000)
         self.cwd = os.fspath(cwd) if cwd is not None else os.getcwd()
+        self.overwrite = overwrite
+        self.env = dict(env or {})
         self.attempt = 0
         self._proc: subprocess.Popen | None = None
 
@@ -70,36 +86,53 @@ class StageJob:
         return state
 
     def command(self, node: int = 0, master: str = "127.0.0.1") -> list[str]:
-        """The command line this node runs (``--auto-resume`` always: requeued jobs continue)."""
+        """The command line this node runs (``--auto-resume``: requeued jobs continue)."""
         module = ["-m", STAGES[self.stage]]
+        if self.stage not in RESUMABLE:
+            return [sys.executable, *module, *self.argv]
+        mode = "--overwrite" if self.overwrite and self.attempt <= 1 else "--auto-resume"
         if self.stage == "detect":  # train_net starts its per-GPU processes itself
             dist = ["--num-gpus", str(self.gpus_per_node)]
             if self.nodes > 1:
                 dist += ["--num-machines", str(self.nodes), "--machine-rank", str(node)]
                 dist += ["--dist-url", f"tcp://{master}:{self.port}"]
-            return [sys.executable, *module, "--auto-resume", *dist, *self.argv]
+            return [sys.executable, *module, mode, *dist, *self.argv]
         if self.nodes == 1 and self.gpus_per_node <= 1:
-            return [sys.executable, *module, "--auto-resume", *self.argv]
+            return [sys.executable, *module, mode, *self.argv]
         torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={self.nodes}"]
         torchrun += [f"--node_rank={node}", f"--nproc_per_node={max(self.gpus_per_node, 1)}"]
         torchrun += [f"--master_addr={master}", f"--master_port={self.port}"]
-        return [*torchrun, *module, "--auto-resume", *self.argv]
+        return [*torchrun, *module, mode, *self.argv]
 
     def __call__(self) -> int:
-        node, master = 0, "127.0.0.1"
+        node, master, cluster, usr_sig = 0, "127.0.0.1", None, None
         try:
             import submitit
 
             env = submitit.JobEnvironment()
-            node, master = env.node, env.hostnames[0]
+            node, master, cluster = env.node, env.hostnames[0], env.cluster
+            usr_sig = getattr(signal, f"SIG{submitit.JobEnvironment.USR_SIG}", None)
         except (ImportError, RuntimeError, KeyError):
             pass  # not inside a submitit job (a direct call): one local node
         self.attempt += 1
         cmd = self.command(node, master)
         print(f"attempt {self.attempt}: {' '.join(cmd)}", flush=True)
-        self._proc = subprocess.Popen(cmd, cwd=self.cwd)
+        # SLURM sends the job's --signal (submitit's USR2) to every process of the job step: the
+        # stage ignores it (its default action would kill it mid-iteration, without a
+        # checkpoint) and is stopped by checkpoint() below instead.
+        ignore = usr_sig and functools.partial(signal.signal, usr_sig, signal.SIG_IGN)
+        env = {**os.environ, **self.env} if self.env else None
+        self._proc = subprocess.Popen(cmd, cwd=self.cwd, env=env, preexec_fn=ignore)
         rc = self._proc.wait()
         self._proc = None
+        if rc == EXIT_PREEMPTED and cluster == "slurm":
+            # Not our checkpoint() (that ends this call with submitit's requeue): SLURM's SIGTERM
+            # reached the stage (scontrol requeue, preemption, scancel), which stopped with a
+            # checkpoint. SLURM requeues or kills this job next, or sends the USR2 of submitit's
+            # preemption protocol; a failure recorded now would end the caller's job.result()
+            # with an error while the requeued job goes on. Wait for SLURM, bounded.
+            print(f"{self.stage} stopped by SLURM; waiting for its requeue or kill", flush=True)
+            time.sleep(self.grace_s)
         if rc == EXIT_PREEMPTED:
             raise RuntimeError(
                 f"{self.stage} stopped by a signal after writing a checkpoint (exit "

@@ -36,7 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fashion-dir", default=None, help="Fashion-MNIST idx files directory")
     parser.add_argument("--num-train", type=int, default=500, help="fashion-scenes: train scenes")
     parser.add_argument("--num-test", type=int, default=200, help="fashion-scenes: test scenes")
-    parser.add_argument("--limit-per-class", type=int, default=None, help="fashion-imagefolder")
+    parser.add_argument(
+        "--limit-per-class", type=int, default=None, help="fashion-imagefolder: train images"
+    )
+    parser.add_argument(
+        "--val-limit-per-class", type=int, default=None, help="fashion-imagefolder: val images"
+    )
     args = parser.parse_args(argv)
 
     from ..data import toy
@@ -61,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
         fm_dir = _fashion_dir(args.fashion_dir)
         out = os.path.join(args.root, "imagefolder")
-        export_imagefolder(out, fm_dir, limit_per_class=args.limit_per_class)
+        export_imagefolder(out, fm_dir, args.limit_per_class, args.val_limit_per_class)
     seconds = time.perf_counter() - t0
     print(f"data ({args.what}, seed {args.seed}) written to {args.root} in {seconds:.1f} s")
     return 0

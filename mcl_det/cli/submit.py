@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ..submit import STAGES, StageJob
+from ..submit import RESUMABLE, StageJob
 from ..utils.errors import MCLDetError
 from .run import run_main
 
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "stage",
-        choices=sorted(STAGES),
+        choices=sorted(RESUMABLE),
         help="pretrain: pretrain/main.py; detect: tools/train_net.py",
     )
     p.add_argument("--nodes", type=int, default=1)
