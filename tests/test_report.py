@@ -252,6 +252,14 @@ DELTA = (
     "differences when the group and the baseline have the same seeds, else Welch's t-test; no "
     "test with n=1."
 )
+# the minimum detectable effect of the Δ cells (test_report_power.py checks the power math)
+POWER_NOTE = (
+    "MDE80: the minimum detectable effect, the smallest true difference (either sign) that the "
+    "Δ's test finds with 80% power at two-sided α=0.05 for the n at hand (noncentral t), if the "
+    "spread seen now is the true one (the sd of the per-seed differences for the paired test, "
+    "the two groups' sds for Welch's); from few seeds that sd is itself uncertain, so take it as "
+    "a guide. Not shown where there is no test."
+)
 TESTS = [
     "mcl vs baseline: no test for AP50 (the per-seed differences have no spread); paired t-test "
     "for AP, AP75, n=3 pairs.",
@@ -260,18 +268,21 @@ TESTS = [
 TITLE = f"VOC voc_2007_test · {DET}"
 
 # paired t, df 2 (test_paired_t_by_hand): AP +0.5 [-0.74, +1.74] p=0.225, AP75 -0.8 [-1.66,
-# +0.06] p=0.057; AP50's differences are all +3 (no spread, no test); the single run: no test
+# +0.06] p=0.057; AP50's differences are all +3 (no spread, no test); the single run: no test.
+# MDE80 = sd(differences) / sqrt(3) * nc80(df 2), nc80 = 5.65349 (test_report_power.py):
+# AP 0.5 / sqrt(3) * 5.65349 = 1.632, AP75 sqrt(0.12) / sqrt(3) * 5.65349 = 1.131
+MDE_AP, MDE_AP75 = 0.5 / math.sqrt(3) * 5.653489, math.sqrt(0.12 / 3) * 5.653489
 TABLE = (
-    "| weights       |   n |       AP50 |   Δ AP50 |         AP |                     Δ AP "
-    "|       AP75 |                   Δ AP75 |\n"
-    "|:--------------|----:|-----------:|---------:|-----------:|-------------------------:"
-    "|-----------:|-------------------------:|\n"
-    "| baseline      |   3 | 51.0 ± 1.0 |          | 30.5 ± 0.5 |                          "
-    "| 25.0 ± 0.0 |                          |\n"
-    "| mcl           |   3 | 54.0 ± 1.0 |     +3.0 | 31.0 ± 1.0 | +0.5 [−0.7, +1.7] p=0.23 "
-    "| 24.2 ± 0.3 | −0.8 [−1.7, +0.1] p=0.06 |\n"
-    "| voc_r18_other |   1 | 52.0 (n=1) |     +1.0 | 29.0 (n=1) |                     −1.5 "
-    "| 26.0 (n=1) |                     +1.0 |"
+    "| weights       |   n |       AP50 |   Δ AP50 |         AP "
+    "|                               Δ AP |       AP75 |                             Δ AP75 |\n"
+    "|:--------------|----:|-----------:|---------:|-----------:"
+    "|-----------------------------------:|-----------:|-----------------------------------:|\n"
+    "| baseline      |   3 | 51.0 ± 1.0 |          | 30.5 ± 0.5 "
+    "|                                    | 25.0 ± 0.0 |                                    |\n"
+    "| mcl           |   3 | 54.0 ± 1.0 |     +3.0 | 31.0 ± 1.0 "
+    "| +0.5 [−0.7, +1.7] p=0.23 MDE80=1.6 | 24.2 ± 0.3 | −0.8 [−1.7, +0.1] p=0.06 MDE80=1.1 |\n"
+    "| voc_r18_other |   1 | 52.0 (n=1) |     +1.0 | 29.0 (n=1) "
+    "|                               −1.5 | 26.0 (n=1) |                               +1.0 |"
 )
 EXPECTED_MD = f"""\
 **{TITLE} (bbox)**
@@ -280,6 +291,7 @@ EXPECTED_MD = f"""\
 
 - {CELLS}
 - {DELTA}
+- {POWER_NOTE}
 - {TESTS[0]}
 - {TESTS[1]}
 """
@@ -299,24 +311,27 @@ def test_csv_exact(runs):
     head = "detection,voc,voc_2007_test," + DET + ",bbox,"
     expected = (
         "table,task,dataset_test,detector,iou_type,group,published,n,metric,mean,std,delta,"
-        "ci_low,ci_high,p,test,baseline\n"
-        f"{head}baseline,0,3,AP50,51.0000,1.0000,,,,,,baseline\n"
-        f"{head}baseline,0,3,AP,30.5000,0.5000,,,,,,baseline\n"
-        f"{head}baseline,0,3,AP75,25.0000,0.0000,,,,,,baseline\n"
-        f"{head}mcl,0,3,AP50,54.0000,1.0000,3.0000,,,,none,baseline\n"
-        f"{head}mcl,0,3,AP,31.0000,1.0000,0.5000,-0.7421,1.7421,0.2254,paired_t,baseline\n"
-        f"{head}mcl,0,3,AP75,24.2000,0.3464,-0.8000,-1.6605,0.0605,0.05719,paired_t,baseline\n"
-        f"{head}voc_r18_other,0,1,AP50,52.0000,,1.0000,,,,none,baseline\n"
-        f"{head}voc_r18_other,0,1,AP,29.0000,,-1.5000,,,,none,baseline\n"
-        f"{head}voc_r18_other,0,1,AP75,26.0000,,1.0000,,,,none,baseline\n"
+        "ci_low,ci_high,p,test,baseline,alpha,power,mde,effect,n_needed\n"
+        f"{head}baseline,0,3,AP50,51.0000,1.0000,,,,,,baseline,,,,,\n"
+        f"{head}baseline,0,3,AP,30.5000,0.5000,,,,,,baseline,,,,,\n"
+        f"{head}baseline,0,3,AP75,25.0000,0.0000,,,,,,baseline,,,,,\n"
+        f"{head}mcl,0,3,AP50,54.0000,1.0000,3.0000,,,,none,baseline,0.05,0.8,,,\n"
+        f"{head}mcl,0,3,AP,31.0000,1.0000,0.5000,-0.7421,1.7421,0.2254,paired_t,baseline,"
+        f"0.05,0.8,{MDE_AP:.4f},,\n"
+        f"{head}mcl,0,3,AP75,24.2000,0.3464,-0.8000,-1.6605,0.0605,0.05719,paired_t,baseline,"
+        f"0.05,0.8,{MDE_AP75:.4f},,\n"
+        f"{head}voc_r18_other,0,1,AP50,52.0000,,1.0000,,,,none,baseline,0.05,0.8,,,\n"
+        f"{head}voc_r18_other,0,1,AP,29.0000,,-1.5000,,,,none,baseline,0.05,0.8,,,\n"
+        f"{head}voc_r18_other,0,1,AP75,26.0000,,1.0000,,,,none,baseline,0.05,0.8,,,\n"
     )
     assert report_text([runs], "csv") == expected
 
 
 def test_latex_exact(runs):
     title = TITLE.replace("_", r"\_").replace("·", "--")
-    notes = " \\par ".join([CELLS, DELTA, *TESTS]).replace("_", "\\_").replace("%", "\\%")
-    notes = notes.replace("±", "$\\pm$").replace("Δ", "$\\Delta$")
+    notes = " \\par ".join([CELLS, DELTA, POWER_NOTE, *TESTS]).replace("_", "\\_")
+    notes = notes.replace("%", "\\%").replace("±", "$\\pm$").replace("Δ", "$\\Delta$")
+    notes = notes.replace("α", "$\\alpha$")
     expected = (
         "% generated by tools/report.py (mcl_det); needs \\usepackage{booktabs}\n"
         "\\begin{table}[t]\n\\centering\n"
@@ -326,7 +341,7 @@ def test_latex_exact(runs):
         "\\midrule\n"
         "baseline & 3 & 51.0 $\\pm$ 1.0 & & 30.5 $\\pm$ 0.5 & & 25.0 $\\pm$ 0.0 & \\\\\n"
         "mcl & 3 & 54.0 $\\pm$ 1.0 & +3.0 & 31.0 $\\pm$ 1.0 & +0.5 [$-$0.7, +1.7] p=0.23 "
-        "& 24.2 $\\pm$ 0.3 & $-$0.8 [$-$1.7, +0.1] p=0.06 \\\\\n"
+        "MDE80=1.6 & 24.2 $\\pm$ 0.3 & $-$0.8 [$-$1.7, +0.1] p=0.06 MDE80=1.1 \\\\\n"
         "voc\\_r18\\_other & 1 & 52.0 (n=1) & +1.0 & 29.0 (n=1) & $-$1.5 & 26.0 (n=1) & +1.0 \\\\\n"
         "\\bottomrule\n\\end{tabular}\n"
         f"\\par\\smallskip{{\\footnotesize {notes}}}\n"
@@ -347,10 +362,12 @@ def no_test(delta: float, n_group: int, n_base: int, why: str) -> dict:
         "ci95": None,
         "p": None,
         "no_test": why,
+        "mde": None,
+        "n_needed": None,
     }
 
 
-def paired(delta: float, ci: tuple[float, float], p: float) -> dict:
+def paired(delta: float, ci: tuple[float, float], p: float, mde: float) -> dict:
     return {
         "delta": delta,
         "test": "paired_t",
@@ -360,16 +377,19 @@ def paired(delta: float, ci: tuple[float, float], p: float) -> dict:
         "ci95": list(ci),
         "p": p,
         "no_test": None,
+        "mde": round(mde, 6),
+        "n_needed": None,
     }
 
 
 def test_json_exact(runs):
     d = json.loads(report_text([runs], "json"))
-    assert d["format"] == "mcl_det.report/v2"
+    assert d["format"] == "mcl_det.report/v3"
     assert (d["pretraining"], d["warnings"], d["skipped"]) == ([], [], [])
     (sec,) = d["sections"]
     assert sec["baseline"] == "baseline" and sec["metrics"] == ["AP50", "AP", "AP75"]
-    assert sec["warnings"] == [] and sec["notes"] == [CELLS, DELTA, *TESTS]
+    assert sec["warnings"] == [] and sec["notes"] == [CELLS, DELTA, POWER_NOTE, *TESTS]
+    assert sec["power"] == {"alpha": 0.05, "power": 0.8, "effect": None}
     got = {g["name"]: (g["n"], g["stats"], g["deltas"]) for g in sec["groups"]}
     assert [g["name"] for g in sec["groups"]] == ["baseline", "mcl", "voc_r18_other"]
     assert got["baseline"] == (
@@ -390,8 +410,8 @@ def test_json_exact(runs):
         },
         {
             "AP50": no_test(3.0, 3, 3, "the per-seed differences have no spread"),
-            "AP": paired(0.5, (-0.742069, 1.742069), 0.225403),
-            "AP75": paired(-0.8, (-1.660531, 0.060531), 0.057191),
+            "AP": paired(0.5, (-0.742069, 1.742069), 0.225403, MDE_AP),
+            "AP75": paired(-0.8, (-1.660531, 0.060531), 0.057191, MDE_AP75),
         },
     )
     assert got["voc_r18_other"][2]["AP"] == no_test(-1.5, 1, 3, "n=1 vs 3")
@@ -410,6 +430,7 @@ def test_per_class_table(runs):
 
 - {CELLS}
 - {DELTA}
+- {POWER_NOTE}
 - mcl vs baseline: no test (the per-seed differences have no spread).
 """
     assert expected in text
@@ -425,10 +446,10 @@ def test_baseline_override_and_missing(runs):
         "51.0 ± 1.0",
         "−3.0",
         "30.5 ± 0.5",
-        "−0.5 [−1.7, +0.7] p=0.23",
+        "−0.5 [−1.7, +0.7] p=0.23 MDE80=1.6",
         "25.0 ± 0.0",
-        "+0.8 [−0.1, +1.7] p=0.06",
-    ]  # the paired test against 'mcl': signs swap, interval mirrored, same p
+        "+0.8 [−0.1, +1.7] p=0.06 MDE80=1.1",
+    ]  # the paired test against 'mcl': signs swap, interval mirrored, same p and MDE
     with pytest.raises(MCLDetError, match="not a run group"):
         build_report([str(runs)], baseline="nope")
     text = report_text([runs / "det_mcl", runs / "other"])

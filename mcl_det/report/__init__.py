@@ -2,8 +2,8 @@
 baseline), pretraining monitors, plots.
 
 Public API:
-    build_report(inputs, baseline=None, per_class=False, reference=None, decimals=1)
-        -> (Report, Collection)
+    build_report(inputs, baseline=None, per_class=False, reference=None, decimals=1,
+                 alpha=0.05, power=0.8, effect=None) -> (Report, Collection)
     render(report, fmt)  # fmt in md | csv | latex | json
     main(argv=None)      # the CLI behind tools/report.py
 
@@ -24,6 +24,7 @@ from ..utils.rundir import check_output_path
 from .collect import Collection, collect, group_name
 from .plots import plot_bars, plot_curves
 from .render import FORMATS, Report, render
+from .stats import ALPHA, POWER, Plan
 from .tables import build_sections, load_reference, summarize_pretrain
 
 __all__ = ["build_report", "collect", "group_name", "main", "render", "Report"]
@@ -37,9 +38,14 @@ def build_report(
     per_class: bool = False,
     reference: str | None = None,
     decimals: int = 1,
+    alpha: float = ALPHA,
+    power: float = POWER,
+    effect: float | None = None,
 ) -> tuple[Report, Collection]:
     """Collect runs under ``inputs`` and compute every table. Raises ``MCLDetError`` when nothing
-    usable is found (the message lists what was skipped and why)."""
+    usable is found (the message lists what was skipped and why). ``alpha`` and ``power`` set the
+    minimum detectable effect of every Δ; ``effect`` (AP points) adds the n needed to detect it."""
+    plan = Plan(alpha, power, effect)  # bad values fail before any run is read
     col = collect(list(inputs))
     skipped = [(s.path, s.reason) for s in col.skipped]
     if not col.runs and not col.logs:
@@ -51,7 +57,9 @@ def build_report(
             + "; point at OUTPUT_DIRs of finished tools/train_net.py or pretrain/main.py runs"
         )
     ref = load_reference(reference) if reference else None
-    sections = build_sections(col.runs, baseline=baseline, per_class=per_class, reference=ref)
+    sections = build_sections(
+        col.runs, baseline=baseline, per_class=per_class, reference=ref, plan=plan
+    )
     pretrain = [summarize_pretrain(log) for log in col.logs]
     rep = Report(sections, pretrain, list(col.warnings), skipped, decimals)
     return rep, col
@@ -71,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--reference", metavar="FILE.yaml", help="published numbers shown beside ours")
     ap.add_argument("--per-class", action="store_true", help="also per-class AP tables")
     ap.add_argument("--decimals", type=int, default=1, help="digits after the point (default 1)")
+    ap.add_argument("--effect", type=float, metavar="X", help="also the n to detect Δ=X AP points")
+    ap.add_argument("--power", type=float, default=POWER, help="of MDE and n (default 0.8)")
+    ap.add_argument("--alpha", type=float, default=ALPHA, help="two-sided, of MDE and n (0.05)")
     return ap
 
 
@@ -86,7 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for flag, path in (("--output", a.output), ("--plot", a.plot), ("--curves", a.curves)):
         if path is not None:  # before reading any run: a bad path is one line, not a traceback
             check_output_path(path, "file", flag)
-    rep, col = build_report(a.inputs, a.baseline, a.per_class, a.reference, a.decimals)
+    rep, col = build_report(
+        a.inputs, a.baseline, a.per_class, a.reference, a.decimals, a.alpha, a.power, a.effect
+    )
     text = render(rep, fmt)
     # figures first: a failure there must not leave a fresh table next to a stale figure
     if a.plot:
