@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 
 from mcl_det.report import build_report, group_name, main, render
-from mcl_det.report.stats import PAIRED, WELCH, compare, mean_std
+from mcl_det.report.stats import (
+    PAIRED,
+    WELCH,
+    compare,
+    mde_paired,
+    mde_welch,
+    mean_std,
+    n_paired,
+    n_welch,
+)
 from mcl_det.report.tables import load_reference
 from mcl_det.utils.errors import MCLDetError
 
@@ -480,6 +489,84 @@ def test_bad_reference(tmp_path, runs):
     bad.write_text("source: x\ntask: voc\nmetrics: [AP]\nrows: []\ncolour: red\n")
     with pytest.raises(MCLDetError, match="unknown key"):
         build_report([str(runs)], reference=str(bad))
+
+
+# ----------------------------------------------------------------------------- power figures
+
+
+def test_effect_notes_csv_json(runs, tmp_path):
+    """--effect 0.5: the n to detect it, per metric, in the notes, the CSV and the JSON."""
+    # AP: differences' sd 0.5, d = 1: 10 pairs (G*Power); AP75: sd sqrt(0.12), d = 1.44: 6 pairs
+    assert (n_paired(0.5, 0.5), n_paired(0.5, math.sqrt(0.12))) == (10, 6)
+    effect = (
+        "n for 0.5: the smallest number of pairs (paired test) or of runs per group, the same in "
+        "both (Welch's test), with which the test finds a true difference of 0.5 with 80% power "
+        "at two-sided α=0.05, under the same assumption."
+    )
+    text = report_text([runs], effect=0.5)
+    assert text.endswith(
+        f"- {CELLS}\n- {DELTA}\n- {POWER_NOTE}\n- {effect}\n- {TESTS[0]}\n"
+        "- mcl vs baseline: n for 0.5: AP50 –; AP 10 pairs; AP75 6 pairs.\n"
+        f"- {TESTS[1]}\n"
+        "- voc_r18_other vs baseline: n for 0.5: – (no test).\n"
+    )
+    assert md_rows(text) == md_rows(EXPECTED_MD)  # the table itself does not change
+    csv_rows = report_text([runs], "csv", effect=0.5).splitlines()
+    assert csv_rows[5].endswith(f",paired_t,baseline,0.05,0.8,{MDE_AP:.4f},0.5,10")
+    assert csv_rows[6].endswith(f",paired_t,baseline,0.05,0.8,{MDE_AP75:.4f},0.5,6")
+    assert csv_rows[4].endswith(",none,baseline,0.05,0.8,,0.5,")  # AP50: no test, no n
+    out = tmp_path / "r.json"
+    assert main([str(runs), "--effect", "0.5", "--output", str(out)]) == 0
+    (sec,) = json.loads(out.read_text())["sections"]
+    assert sec["power"] == {"alpha": 0.05, "power": 0.8, "effect": 0.5}
+    mcl = sec["groups"][1]["deltas"]
+    assert [mcl[m]["n_needed"] for m in ("AP50", "AP", "AP75")] == [None, 10, 6]
+    assert mcl["AP"]["mde"] == round(MDE_AP, 6)
+
+
+def test_power_and_alpha_options(runs, tmp_path):
+    out = tmp_path / "r.md"
+    assert main([str(runs), "--power", "0.9", "--alpha", "0.01", "--output", str(out)]) == 0
+    text = out.read_text()
+    mde = mde_paired(0.5, 3, alpha=0.01, power=0.9)  # larger than MDE80 at 0.05
+    assert mde > 2 * MDE_AP
+    assert md_rows(text)[3][5] == f"+0.5 [−0.7, +1.7] p=0.23 MDE90={mde:.1f}"
+    assert (
+        "- MDE90: the minimum detectable effect, the smallest true difference (either sign) "
+        "that the Δ's test finds with 90% power at two-sided α=0.01 for the n at hand" in text
+    )
+    # the CI stays 95 %: --alpha plans the power figures only
+    assert "95% confidence interval" in text
+    latex = report_text([runs], "latex")
+    assert "$\\alpha$=0.05" in latex and "α" not in latex
+
+
+def test_welch_planning_n_is_per_group(tmp_path):
+    for s, v in enumerate([(50, 30, 25), (51, 30.5, 25.5), (52, 31, 25)]):
+        write_run(tmp_path / f"b{s}", "baseline", s, voc(*v))
+    for s, v in enumerate([(53, 30, 24), (54, 31, 24.4)]):
+        write_run(tmp_path / f"m{s}", "mcl", s + 10, voc(*v))  # other seeds: Welch
+    text = report_text([tmp_path], effect=1.0)
+    sd_b, sd_m = 0.5, math.sqrt(0.5)  # AP: baseline 30, 30.5, 31; mcl 30, 31
+    n, n50 = n_welch(1.0, sd_m, sd_b), n_welch(1.0, sd_m, 1.0)  # AP50: sds 1 and sqrt(0.5)
+    assert (n, n50) == (8, 13)
+    assert f"mcl vs baseline: n for 1: AP50 {n50} per group; AP {n} per group; " in text
+    mde = mde_welch(sd_m, 2, sd_b, 3)
+    assert md_rows(text)[3][5].endswith(f" p=1.00 MDE80={mde:.1f}")  # AP: equal means
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--alpha", "0"], "--alpha"),
+        (["--power", "1.5"], "--power"),
+        (["--effect", "0"], "--effect"),
+    ],
+)
+def test_cli_bad_power_options(runs, args, flag):
+    r = cli(str(runs), *args)
+    assert_one_error(r, flag)
+    assert r.stdout == ""
 
 
 # ----------------------------------------------------------------------------- fairness
