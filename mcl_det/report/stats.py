@@ -7,13 +7,15 @@ so their difference removes what the seed alone does: the paired t-test on per-s
 the sharper test when every seed has a partner. Otherwise the trials are independent samples and
 Welch's t-test (no equal-variance assumption) is the honest one. scipy.stats provides both.
 
-A p-value alone does not say whether n seeds could have found anything: a Δ of +0.3 with p=0.4 is
-"no evidence" whether the test could see 0.3 or only 3. The power figures answer that with the
-same test: the statistic of a two-sided t-test is noncentral t (scipy.stats.nct) with
-noncentrality = true difference / standard error, so power, the minimum detectable effect (MDE)
-and the planning n follow from the sd and n. They take the sd observed now as the true sd: with a
-few seeds that sd is itself uncertain (from 3 seeds the true sd can be twice the estimate), so
-they are a guide for planning, not a guarantee.
+A p-value alone does not say whether n seeds could have found anything: a Δ of +0.3 with p=0.4
+reads the same whether the test could have seen a true 0.3 or only a true 3. The power figures
+answer that with the same test: the statistic of a two-sided t-test is noncentral t
+(scipy.stats.nct) with noncentrality = true difference / standard error, so power, the minimum
+detectable effect (MDE) and the planning n follow from the sd and n. They take the sd observed now
+as the true sd: with a few seeds that sd is itself uncertain (from 3 seeds the true sd exceeds
+twice the estimate about one time in five: 2 s²/σ² is chi-square with 2 df), so they are a guide
+for planning, not a guarantee; a cautious plan puts an upper confidence bound of the sd into
+``n_paired``/``n_welch``.
 """
 
 from __future__ import annotations
