@@ -13,7 +13,16 @@ import pytest
 
 from mcl_det.cli.report import main
 from mcl_det.report import build_report, group_name, render
-from mcl_det.report.stats import PAIRED, WELCH, compare, mean_std
+from mcl_det.report.stats import (
+    PAIRED,
+    WELCH,
+    compare,
+    mde_paired,
+    mde_welch,
+    mean_std,
+    n_paired,
+    n_welch,
+)
 from mcl_det.report.tables import load_reference
 from mcl_det.utils.errors import MCLDetError
 
@@ -253,6 +262,14 @@ DELTA = (
     "differences when the group and the baseline have the same seeds, else Welch's t-test; no "
     "test with n=1."
 )
+# the minimum detectable effect of the Δ cells (test_report_power.py checks the power math)
+POWER_NOTE = (
+    "MDE80: the minimum detectable effect, the smallest true difference (either sign) that the "
+    "Δ's test finds with 80% power at two-sided α=0.05 for the n at hand (noncentral t), if the "
+    "spread seen now is the true one (the sd of the per-seed differences for the paired test, "
+    "the two groups' sds for Welch's); from few seeds that sd is itself uncertain, so take it as "
+    "a guide. Not shown where there is no test."
+)
 TESTS = [
     "mcl vs baseline: no test for AP50 (the per-seed differences have no spread); paired t-test "
     "for AP, AP75, n=3 pairs.",
@@ -261,18 +278,21 @@ TESTS = [
 TITLE = f"VOC voc_2007_test · {DET}"
 
 # paired t, df 2 (test_paired_t_by_hand): AP +0.5 [-0.74, +1.74] p=0.225, AP75 -0.8 [-1.66,
-# +0.06] p=0.057; AP50's differences are all +3 (no spread, no test); the single run: no test
+# +0.06] p=0.057; AP50's differences are all +3 (no spread, no test); the single run: no test.
+# MDE80 = sd(differences) / sqrt(3) * nc80(df 2), nc80 = 5.65349 (test_report_power.py):
+# AP 0.5 / sqrt(3) * 5.65349 = 1.632, AP75 sqrt(0.12) / sqrt(3) * 5.65349 = 1.131
+MDE_AP, MDE_AP75 = 0.5 / math.sqrt(3) * 5.653489, math.sqrt(0.12 / 3) * 5.653489
 TABLE = (
-    "| weights       |   n |       AP50 |   Δ AP50 |         AP |                     Δ AP "
-    "|       AP75 |                   Δ AP75 |\n"
-    "|:--------------|----:|-----------:|---------:|-----------:|-------------------------:"
-    "|-----------:|-------------------------:|\n"
-    "| baseline      |   3 | 51.0 ± 1.0 |          | 30.5 ± 0.5 |                          "
-    "| 25.0 ± 0.0 |                          |\n"
-    "| mcl           |   3 | 54.0 ± 1.0 |     +3.0 | 31.0 ± 1.0 | +0.5 [−0.7, +1.7] p=0.23 "
-    "| 24.2 ± 0.3 | −0.8 [−1.7, +0.1] p=0.06 |\n"
-    "| voc_r18_other |   1 | 52.0 (n=1) |     +1.0 | 29.0 (n=1) |                     −1.5 "
-    "| 26.0 (n=1) |                     +1.0 |"
+    "| weights       |   n |       AP50 |   Δ AP50 |         AP "
+    "|                               Δ AP |       AP75 |                             Δ AP75 |\n"
+    "|:--------------|----:|-----------:|---------:|-----------:"
+    "|-----------------------------------:|-----------:|-----------------------------------:|\n"
+    "| baseline      |   3 | 51.0 ± 1.0 |          | 30.5 ± 0.5 "
+    "|                                    | 25.0 ± 0.0 |                                    |\n"
+    "| mcl           |   3 | 54.0 ± 1.0 |     +3.0 | 31.0 ± 1.0 "
+    "| +0.5 [−0.7, +1.7] p=0.23 MDE80=1.6 | 24.2 ± 0.3 | −0.8 [−1.7, +0.1] p=0.06 MDE80=1.1 |\n"
+    "| voc_r18_other |   1 | 52.0 (n=1) |     +1.0 | 29.0 (n=1) "
+    "|                               −1.5 | 26.0 (n=1) |                               +1.0 |"
 )
 EXPECTED_MD = f"""\
 **{TITLE} (bbox)**
@@ -281,6 +301,7 @@ EXPECTED_MD = f"""\
 
 - {CELLS}
 - {DELTA}
+- {POWER_NOTE}
 - {TESTS[0]}
 - {TESTS[1]}
 """
@@ -300,24 +321,27 @@ def test_csv_exact(runs):
     head = "detection,voc,voc_2007_test," + DET + ",bbox,"
     expected = (
         "table,task,dataset_test,detector,iou_type,group,published,n,metric,mean,std,delta,"
-        "ci_low,ci_high,p,test,baseline\n"
-        f"{head}baseline,0,3,AP50,51.0000,1.0000,,,,,,baseline\n"
-        f"{head}baseline,0,3,AP,30.5000,0.5000,,,,,,baseline\n"
-        f"{head}baseline,0,3,AP75,25.0000,0.0000,,,,,,baseline\n"
-        f"{head}mcl,0,3,AP50,54.0000,1.0000,3.0000,,,,none,baseline\n"
-        f"{head}mcl,0,3,AP,31.0000,1.0000,0.5000,-0.7421,1.7421,0.2254,paired_t,baseline\n"
-        f"{head}mcl,0,3,AP75,24.2000,0.3464,-0.8000,-1.6605,0.0605,0.05719,paired_t,baseline\n"
-        f"{head}voc_r18_other,0,1,AP50,52.0000,,1.0000,,,,none,baseline\n"
-        f"{head}voc_r18_other,0,1,AP,29.0000,,-1.5000,,,,none,baseline\n"
-        f"{head}voc_r18_other,0,1,AP75,26.0000,,1.0000,,,,none,baseline\n"
+        "ci_low,ci_high,p,test,baseline,alpha,power,mde,effect,n_needed\n"
+        f"{head}baseline,0,3,AP50,51.0000,1.0000,,,,,,baseline,,,,,\n"
+        f"{head}baseline,0,3,AP,30.5000,0.5000,,,,,,baseline,,,,,\n"
+        f"{head}baseline,0,3,AP75,25.0000,0.0000,,,,,,baseline,,,,,\n"
+        f"{head}mcl,0,3,AP50,54.0000,1.0000,3.0000,,,,none,baseline,0.05,0.8,,,\n"
+        f"{head}mcl,0,3,AP,31.0000,1.0000,0.5000,-0.7421,1.7421,0.2254,paired_t,baseline,"
+        f"0.05,0.8,{MDE_AP:.4f},,\n"
+        f"{head}mcl,0,3,AP75,24.2000,0.3464,-0.8000,-1.6605,0.0605,0.05719,paired_t,baseline,"
+        f"0.05,0.8,{MDE_AP75:.4f},,\n"
+        f"{head}voc_r18_other,0,1,AP50,52.0000,,1.0000,,,,none,baseline,0.05,0.8,,,\n"
+        f"{head}voc_r18_other,0,1,AP,29.0000,,-1.5000,,,,none,baseline,0.05,0.8,,,\n"
+        f"{head}voc_r18_other,0,1,AP75,26.0000,,1.0000,,,,none,baseline,0.05,0.8,,,\n"
     )
     assert report_text([runs], "csv") == expected
 
 
 def test_latex_exact(runs):
     title = TITLE.replace("_", r"\_").replace("·", "--")
-    notes = " \\par ".join([CELLS, DELTA, *TESTS]).replace("_", "\\_").replace("%", "\\%")
-    notes = notes.replace("±", "$\\pm$").replace("Δ", "$\\Delta$")
+    notes = " \\par ".join([CELLS, DELTA, POWER_NOTE, *TESTS]).replace("_", "\\_")
+    notes = notes.replace("%", "\\%").replace("±", "$\\pm$").replace("Δ", "$\\Delta$")
+    notes = notes.replace("α", "$\\alpha$")
     expected = (
         "% generated by tools/report.py (mcl_det); needs \\usepackage{booktabs}\n"
         "\\begin{table}[t]\n\\centering\n"
@@ -327,7 +351,7 @@ def test_latex_exact(runs):
         "\\midrule\n"
         "baseline & 3 & 51.0 $\\pm$ 1.0 & & 30.5 $\\pm$ 0.5 & & 25.0 $\\pm$ 0.0 & \\\\\n"
         "mcl & 3 & 54.0 $\\pm$ 1.0 & +3.0 & 31.0 $\\pm$ 1.0 & +0.5 [$-$0.7, +1.7] p=0.23 "
-        "& 24.2 $\\pm$ 0.3 & $-$0.8 [$-$1.7, +0.1] p=0.06 \\\\\n"
+        "MDE80=1.6 & 24.2 $\\pm$ 0.3 & $-$0.8 [$-$1.7, +0.1] p=0.06 MDE80=1.1 \\\\\n"
         "voc\\_r18\\_other & 1 & 52.0 (n=1) & +1.0 & 29.0 (n=1) & $-$1.5 & 26.0 (n=1) & +1.0 \\\\\n"
         "\\bottomrule\n\\end{tabular}\n"
         f"\\par\\smallskip{{\\footnotesize {notes}}}\n"
@@ -348,10 +372,12 @@ def no_test(delta: float, n_group: int, n_base: int, why: str) -> dict:
         "ci95": None,
         "p": None,
         "no_test": why,
+        "mde": None,
+        "n_needed": None,
     }
 
 
-def paired(delta: float, ci: tuple[float, float], p: float) -> dict:
+def paired(delta: float, ci: tuple[float, float], p: float, mde: float) -> dict:
     return {
         "delta": delta,
         "test": "paired_t",
@@ -361,16 +387,19 @@ def paired(delta: float, ci: tuple[float, float], p: float) -> dict:
         "ci95": list(ci),
         "p": p,
         "no_test": None,
+        "mde": round(mde, 6),
+        "n_needed": None,
     }
 
 
 def test_json_exact(runs):
     d = json.loads(report_text([runs], "json"))
-    assert d["format"] == "mcl_det.report/v2"
+    assert d["format"] == "mcl_det.report/v3"
     assert (d["pretraining"], d["warnings"], d["skipped"]) == ([], [], [])
     (sec,) = d["sections"]
     assert sec["baseline"] == "baseline" and sec["metrics"] == ["AP50", "AP", "AP75"]
-    assert sec["warnings"] == [] and sec["notes"] == [CELLS, DELTA, *TESTS]
+    assert sec["warnings"] == [] and sec["notes"] == [CELLS, DELTA, POWER_NOTE, *TESTS]
+    assert sec["power"] == {"alpha": 0.05, "power": 0.8, "effect": None}
     got = {g["name"]: (g["n"], g["stats"], g["deltas"]) for g in sec["groups"]}
     assert [g["name"] for g in sec["groups"]] == ["baseline", "mcl", "voc_r18_other"]
     assert got["baseline"] == (
@@ -391,8 +420,8 @@ def test_json_exact(runs):
         },
         {
             "AP50": no_test(3.0, 3, 3, "the per-seed differences have no spread"),
-            "AP": paired(0.5, (-0.742069, 1.742069), 0.225403),
-            "AP75": paired(-0.8, (-1.660531, 0.060531), 0.057191),
+            "AP": paired(0.5, (-0.742069, 1.742069), 0.225403, MDE_AP),
+            "AP75": paired(-0.8, (-1.660531, 0.060531), 0.057191, MDE_AP75),
         },
     )
     assert got["voc_r18_other"][2]["AP"] == no_test(-1.5, 1, 3, "n=1 vs 3")
@@ -411,6 +440,7 @@ def test_per_class_table(runs):
 
 - {CELLS}
 - {DELTA}
+- {POWER_NOTE}
 - mcl vs baseline: no test (the per-seed differences have no spread).
 """
     assert expected in text
@@ -426,10 +456,10 @@ def test_baseline_override_and_missing(runs):
         "51.0 ± 1.0",
         "−3.0",
         "30.5 ± 0.5",
-        "−0.5 [−1.7, +0.7] p=0.23",
+        "−0.5 [−1.7, +0.7] p=0.23 MDE80=1.6",
         "25.0 ± 0.0",
-        "+0.8 [−0.1, +1.7] p=0.06",
-    ]  # the paired test against 'mcl': signs swap, interval mirrored, same p
+        "+0.8 [−0.1, +1.7] p=0.06 MDE80=1.1",
+    ]  # the paired test against 'mcl': signs swap, interval mirrored, same p and MDE
     with pytest.raises(MCLDetError, match="not a run group"):
         build_report([str(runs)], baseline="nope")
     text = report_text([runs / "det_mcl", runs / "other"])
@@ -460,6 +490,84 @@ def test_bad_reference(tmp_path, runs):
     bad.write_text("source: x\ntask: voc\nmetrics: [AP]\nrows: []\ncolour: red\n")
     with pytest.raises(MCLDetError, match="unknown key"):
         build_report([str(runs)], reference=str(bad))
+
+
+# ----------------------------------------------------------------------------- power figures
+
+
+def test_effect_notes_csv_json(runs, tmp_path):
+    """--effect 0.5: the n to detect it, per metric, in the notes, the CSV and the JSON."""
+    # AP: differences' sd 0.5, d = 1: 10 pairs (G*Power); AP75: sd sqrt(0.12), d = 1.44: 6 pairs
+    assert (n_paired(0.5, 0.5), n_paired(0.5, math.sqrt(0.12))) == (10, 6)
+    effect = (
+        "n for 0.5: the smallest number of pairs (paired test) or of runs per group, the same in "
+        "both (Welch's test), with which the test finds a true difference of 0.5 with 80% power "
+        "at two-sided α=0.05, under the same assumption."
+    )
+    text = report_text([runs], effect=0.5)
+    assert text.endswith(
+        f"- {CELLS}\n- {DELTA}\n- {POWER_NOTE}\n- {effect}\n- {TESTS[0]}\n"
+        "- mcl vs baseline: n for 0.5: AP50 –; AP 10 pairs; AP75 6 pairs.\n"
+        f"- {TESTS[1]}\n"
+        "- voc_r18_other vs baseline: n for 0.5: – (no test).\n"
+    )
+    assert md_rows(text) == md_rows(EXPECTED_MD)  # the table itself does not change
+    csv_rows = report_text([runs], "csv", effect=0.5).splitlines()
+    assert csv_rows[5].endswith(f",paired_t,baseline,0.05,0.8,{MDE_AP:.4f},0.5,10")
+    assert csv_rows[6].endswith(f",paired_t,baseline,0.05,0.8,{MDE_AP75:.4f},0.5,6")
+    assert csv_rows[4].endswith(",none,baseline,0.05,0.8,,0.5,")  # AP50: no test, no n
+    out = tmp_path / "r.json"
+    assert main([str(runs), "--effect", "0.5", "--output", str(out)]) == 0
+    (sec,) = json.loads(out.read_text())["sections"]
+    assert sec["power"] == {"alpha": 0.05, "power": 0.8, "effect": 0.5}
+    mcl = sec["groups"][1]["deltas"]
+    assert [mcl[m]["n_needed"] for m in ("AP50", "AP", "AP75")] == [None, 10, 6]
+    assert mcl["AP"]["mde"] == round(MDE_AP, 6)
+
+
+def test_power_and_alpha_options(runs, tmp_path):
+    out = tmp_path / "r.md"
+    assert main([str(runs), "--power", "0.9", "--alpha", "0.01", "--output", str(out)]) == 0
+    text = out.read_text()
+    mde = mde_paired(0.5, 3, alpha=0.01, power=0.9)  # larger than MDE80 at 0.05
+    assert mde > 2 * MDE_AP
+    assert md_rows(text)[3][5] == f"+0.5 [−0.7, +1.7] p=0.23 MDE90={mde:.1f}"
+    assert (
+        "- MDE90: the minimum detectable effect, the smallest true difference (either sign) "
+        "that the Δ's test finds with 90% power at two-sided α=0.01 for the n at hand" in text
+    )
+    # the CI stays 95 %: --alpha plans the power figures only
+    assert "95% confidence interval" in text
+    latex = report_text([runs], "latex")
+    assert "$\\alpha$=0.05" in latex and "α" not in latex
+
+
+def test_welch_planning_n_is_per_group(tmp_path):
+    for s, v in enumerate([(50, 30, 25), (51, 30.5, 25.5), (52, 31, 25)]):
+        write_run(tmp_path / f"b{s}", "baseline", s, voc(*v))
+    for s, v in enumerate([(53, 30, 24), (54, 31, 24.4)]):
+        write_run(tmp_path / f"m{s}", "mcl", s + 10, voc(*v))  # other seeds: Welch
+    text = report_text([tmp_path], effect=1.0)
+    sd_b, sd_m = 0.5, math.sqrt(0.5)  # AP: baseline 30, 30.5, 31; mcl 30, 31
+    n, n50 = n_welch(1.0, sd_m, sd_b), n_welch(1.0, sd_m, 1.0)  # AP50: sds 1 and sqrt(0.5)
+    assert (n, n50) == (8, 13)
+    assert f"mcl vs baseline: n for 1: AP50 {n50} per group; AP {n} per group; " in text
+    mde = mde_welch(sd_m, 2, sd_b, 3)
+    assert md_rows(text)[3][5].endswith(f" p=1.00 MDE80={mde:.1f}")  # AP: equal means
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--alpha", "0"], "--alpha"),
+        (["--power", "1.5"], "--power"),
+        (["--effect", "0"], "--effect"),
+    ],
+)
+def test_cli_bad_power_options(runs, args, flag):
+    r = cli(str(runs), *args)
+    assert_one_error(r, flag)
+    assert r.stdout == ""
 
 
 # ----------------------------------------------------------------------------- fairness

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from ..report import build_report
 from ..report.plots import plot_bars, plot_curves
 from ..report.render import FORMATS, render
+from ..report.stats import ALPHA, POWER
 from ..utils.errors import MCLDetError
 from ..utils.io import atomic_write_text
 from ..utils.rundir import check_output_path
@@ -33,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--reference", metavar="FILE.yaml", help="published numbers shown beside ours")
     ap.add_argument("--per-class", action="store_true", help="also per-class AP tables")
     ap.add_argument("--decimals", type=int, default=1, help="digits after the point (default 1)")
+    ap.add_argument("--effect", type=float, metavar="X", help="add the n to detect Δ=X AP points")
+    ap.add_argument("--power", type=float, default=POWER, metavar="P", help="of MDE, n (0.8)")
+    ap.add_argument("--alpha", type=float, default=ALPHA, metavar="A", help="two-sided (0.05)")
     return ap
 
 
@@ -48,7 +52,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     for flag, path in (("--output", a.output), ("--plot", a.plot), ("--curves", a.curves)):
         if path is not None:  # before reading any run: a bad path is one line, not a traceback
             check_output_path(path, "file", flag)
-    rep, col = build_report(a.inputs, a.baseline, a.per_class, a.reference, a.decimals)
+    rep, col = build_report(
+        a.inputs,
+        a.baseline,
+        a.per_class,
+        a.reference,
+        a.decimals,
+        alpha=a.alpha,
+        power=a.power,
+        effect=a.effect,
+    )
     text = render(rep, fmt)
     # figures first: a failure there must not leave a fresh table next to a stale figure
     if a.plot:

@@ -12,12 +12,12 @@ from typing import Any
 
 from tabulate import LATEX_ESCAPE_RULES, SEPARATING_LINE, tabulate
 
-from .stats import CONFIDENCE, PAIRED, WELCH, Delta, Stat
+from .stats import CONFIDENCE, DEFAULT_PLAN, N_MAX, PAIRED, WELCH, Delta, Plan, Stat
 from .tables import Group, PretrainSummary, Section
 
 MINUS = "\u2212"  # a real minus sign: "−1.2" reads better than "-1.2" in a table
 NONE = "\u2013"  # en dash for a missing value
-JSON_FORMAT = "mcl_det.report/v2"
+JSON_FORMAT = "mcl_det.report/v3"
 
 
 @dataclass
@@ -64,16 +64,19 @@ def fmt_stat(s: Stat | None, d: int, row_n: int, published: bool = False) -> str
     return text + (f" (n={s.n})" if s.n != row_n else "")
 
 
-def fmt_delta(dl: Delta | None, d: int) -> str:
-    """'+2.4 [−0.3, +5.1] p=0.07': the difference, its confidence interval and the test's
-    p-value; the difference alone when no test was possible (the notes say why)."""
+def fmt_delta(dl: Delta | None, d: int, mde_label: str = DEFAULT_PLAN.label) -> str:
+    """'+2.4 [−0.3, +5.1] p=0.07 MDE80=3.9': the difference, its confidence interval, the
+    test's p-value and the minimum detectable effect at that power (the reader sees beside the
+    p-value whether n could have found a difference this size); the difference alone when no
+    test was possible (the notes say why)."""
     if dl is None:
         return ""
     text = fmt_signed(dl.value, d)
     if dl.ci is None or dl.p is None:
         return text
     lo, hi = (fmt_signed(x, d) for x in dl.ci)
-    return f"{text} [{lo}, {hi}] {fmt_p(dl.p)}"
+    mde = f" {mde_label}={fmt_num(dl.mde, d)}" if dl.mde is not None else ""
+    return f"{text} [{lo}, {hi}] {fmt_p(dl.p)}{mde}"
 
 
 def _label(g: Group) -> str:
@@ -97,7 +100,7 @@ def section_table(sec: Section, d: int) -> tuple[list[str], list[list[str]], int
         for m in sec.metrics:
             row.append(fmt_stat(g.stats.get(m), d, g.n, g.published))
             if has_delta:
-                row.append(fmt_delta(g.deltas.get(m), d))
+                row.append(fmt_delta(g.deltas.get(m), d, sec.plan.label))
         rows.append(row)
     return header, rows, first_pub
 
@@ -116,7 +119,7 @@ def _per_class_table(sec: Section, d: int) -> tuple[list[str], list[list[str]], 
         for g in groups:
             row.append(fmt_stat(g.stats.get(m), d, g.n))
             if sec.baseline is not None and not g.is_baseline:
-                row.append(fmt_delta(g.deltas.get(m), d))
+                row.append(fmt_delta(g.deltas.get(m), d, sec.plan.label))
         rows.append(row)
     return header, rows, None
 
@@ -144,6 +147,51 @@ def _test_note(sec: Section, g: Group) -> str:
     return f"{g.name} vs {sec.baseline}: {'; '.join(parts)}."
 
 
+def _pct(x: float) -> str:
+    return f"{x * 100:g}%"
+
+
+def power_note(plan: Plan) -> str:
+    """What the MDE in the Δ cells is, and what it assumes."""
+    return (
+        f"{plan.label}: the minimum detectable effect, the smallest true difference (either "
+        f"sign) that the Δ's test finds with {_pct(plan.power)} power at two-sided "
+        f"α={plan.alpha:g} for the n at hand (noncentral t), if the spread seen now is the true "
+        "one (the sd of the per-seed differences for the paired test, the two groups' sds for "
+        "Welch's); from few seeds that sd is itself uncertain, so take it as a guide. Not shown "
+        "where there is no test."
+    )
+
+
+def effect_note(plan: Plan) -> str:
+    """How the planning n of ``--effect`` is defined."""
+    x = f"{plan.effect:g}"
+    return (
+        f"n for {x}: the smallest number of pairs (paired test) or of runs per group, the same "
+        f"in both (Welch's test), with which the test finds a true difference of {x} with "
+        f"{_pct(plan.power)} power at two-sided α={plan.alpha:g}, under the same assumption."
+    )
+
+
+def fmt_n_needed(dl: Delta) -> str:
+    """'12 pairs', '9 per group'; '–' with no test (the test note says why)."""
+    if dl.test is None:
+        return NONE
+    unit = "pairs" if dl.test == PAIRED else "per group"
+    return f"more than {N_MAX} {unit}" if dl.n_needed is None else f"{dl.n_needed} {unit}"
+
+
+def _n_needed_note(sec: Section, g: Group) -> str:
+    """One line per group: the planning n per metric, once when it is the same for all."""
+    assert sec.plan.effect is not None
+    ns = {m: fmt_n_needed(g.deltas[m]) for m in sec.metrics if m in g.deltas}
+    if len(set(ns.values())) == 1:
+        text = next(iter(ns.values())) + (" (no test)" if NONE in ns.values() else "")
+    else:
+        text = "; ".join(f"{m} {n}" for m, n in ns.items())
+    return f"{g.name} vs {sec.baseline}: n for {sec.plan.effect:g}: {text}."
+
+
 def section_notes(sec: Section) -> list[str]:
     notes = [
         "Cells: mean ± sample std (ddof=1) over the n trials (seeds) of a group; "
@@ -156,7 +204,14 @@ def section_notes(sec: Section) -> list[str]:
             "p-value: a paired t-test on the per-seed differences when the group and the "
             "baseline have the same seeds, else Welch's t-test; no test with n=1."
         )
-        notes += [_test_note(sec, g) for g in sec.groups if g.deltas]
+        notes.append(power_note(sec.plan))
+        if sec.plan.effect is not None:
+            notes.append(effect_note(sec.plan))
+        for g in sec.groups:
+            if g.deltas:
+                notes.append(_test_note(sec, g))
+                if sec.plan.effect is not None:
+                    notes.append(_n_needed_note(sec, g))
     return notes + sec.notes
 
 
@@ -229,6 +284,7 @@ def render_md(rep: Report) -> str:
 TEX_SYMBOLS = {
     "±": r"$\pm$",
     "Δ": r"$\Delta$",
+    "α": r"$\alpha$",
     MINUS: r"$-$",
     NONE: "--",
     "·": "--",
@@ -286,7 +342,7 @@ def _p(x: float | None) -> float | None:
 
 CSV_COLUMNS = (
     "table,task,dataset_test,detector,iou_type,group,published,n,metric,mean,std,"
-    "delta,ci_low,ci_high,p,test,baseline"
+    "delta,ci_low,ci_high,p,test,baseline,alpha,power,mde,effect,n_needed"
 ).split(",")
 
 
@@ -311,17 +367,23 @@ def render_csv(rep: Report) -> str:
             for m in sec.metrics:
                 s, dl = g.stats.get(m), g.deltas.get(m)
                 cell = [s.n if s else 0, m, num(s.mean if s else None), num(s.std if s else None)]
-                test = ["", "", "", "", ""]
+                test, power = ["", "", "", "", ""], ["", "", "", "", ""]
                 if dl is not None:
                     lo, hi = dl.ci if dl.ci else (None, None)
                     p = "" if dl.p is None else f"{dl.p:.4g}"
                     test = [num(dl.value), num(lo), num(hi), p, dl.test or "none"]
-                w.writerow(where + [g.name, int(g.published)] + cell + test + [sec.baseline or ""])
+                    pl = sec.plan
+                    effect = "" if pl.effect is None else f"{pl.effect:g}"
+                    n = "" if dl.n_needed is None else str(dl.n_needed)
+                    power = [f"{pl.alpha:g}", f"{pl.power:g}", num(dl.mde), effect, n]
+                row = where + [g.name, int(g.published)] + cell + test + [sec.baseline or ""]
+                w.writerow(row + power)
     for p in rep.pretrain:
         for m in p.members:
             for which, v in (("last", m.last), ("best", m.best)):
                 metric = f"member{m.member}/{m.metric}/{which}"
-                w.writerow(["pretrain", "", "", "", "", p.name, 0, 1, metric, num(v)] + [""] * 7)
+                row = ["pretrain", "", "", "", "", p.name, 0, 1, metric, num(v)]
+                w.writerow(row + [""] * (len(CSV_COLUMNS) - len(row)))
     for x in rep.warnings + [x for s in rep.sections for x in s.warnings]:
         buf.write(f"# warning: {x}\n")
     for p, r in rep.skipped:
@@ -331,7 +393,9 @@ def render_csv(rep: Report) -> str:
 
 def delta_dict(x: Delta) -> dict[str, Any]:
     """A Δ cell for JSON: the difference, which test (``paired_t``, ``welch_t`` or null), its n,
-    degrees of freedom, 95 % interval and p-value, and why there is no test when there is none."""
+    degrees of freedom, 95 % interval and p-value, why there is no test when there is none, and
+    the power figures (``mde``; ``n_needed`` with an effect: the section's ``power`` says for
+    which level, power and effect)."""
     return {
         "delta": _r(x.value),
         "test": x.test,
@@ -341,6 +405,8 @@ def delta_dict(x: Delta) -> dict[str, Any]:
         "ci95": None if x.ci is None else [_r(x.ci[0]), _r(x.ci[1])],
         "p": _p(x.p),
         "no_test": x.no_test or None,
+        "mde": _r(x.mde),
+        "n_needed": x.n_needed,
     }
 
 
@@ -370,6 +436,7 @@ def report_dict(rep: Report) -> dict[str, Any]:
             "per_class": sec.per_class,
             "baseline": sec.baseline,
             "metrics": sec.metrics,
+            "power": {"alpha": sec.plan.alpha, "power": sec.plan.power, "effect": sec.plan.effect},
             "groups": [_group_dict(sec, g) for g in sec.groups],
             "notes": section_notes(sec),
             "warnings": sec.warnings,

@@ -19,7 +19,7 @@ import yaml
 
 from ..utils.errors import MCLDetError
 from .collect import DetRun, PretrainLog
-from .stats import Delta, Stat, compare, mean_std
+from .stats import DEFAULT_PLAN, Delta, Plan, Stat, compare, mean_std
 
 VOC_METRICS = ("AP50", "AP", "AP75")  # the order of the MoCo/MCL VOC tables
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -62,6 +62,7 @@ class Section:
     baseline: str | None = None
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    plan: Plan = DEFAULT_PLAN  # level, power and effect of the Δs' power figures
 
     @property
     def title(self) -> str:
@@ -191,9 +192,11 @@ def build_sections(
     baseline: str | None = None,
     per_class: bool = False,
     reference: Reference | None = None,
+    plan: Plan = DEFAULT_PLAN,
 ) -> list[Section]:
     """Group runs into sections and compute every cell. ``baseline`` (a group name) overrides
-    the default choice, the group whose name or weights say "baseline"."""
+    the default choice, the group whose name or weights say "baseline"; ``plan`` sets the power
+    figures of the Δs."""
     by_section: dict[tuple, list[DetRun]] = defaultdict(list)
     for r in runs:
         iou_types = ["bbox"] + (["segm"] if r.task == "coco" and r.metrics("segm") else [])
@@ -219,7 +222,7 @@ def build_sections(
             if pc and not metrics:
                 continue
             sections.append(
-                _section(task, list(dtest), detector, iou, metrics, sruns, baseline, pc)
+                _section(task, list(dtest), detector, iou, metrics, sruns, baseline, pc, plan)
             )
 
     if reference is not None:
@@ -240,6 +243,7 @@ def _section(
     runs: list[DetRun],
     baseline: str | None,
     per_class: bool,
+    plan: Plan,
 ) -> Section:
     grouped: dict[str, list[DetRun]] = defaultdict(list)
     for r in runs:
@@ -249,7 +253,7 @@ def _section(
         gruns.sort(key=lambda r: (str(r.seed), str(r.path)))
         stats = {m: mean_std([r.metrics(iou).get(m) for r in gruns]) for m in metrics}
         groups.append(Group(name, gruns, stats))
-    sec = Section(task, dtest, detector, iou, metrics, groups, per_class=per_class)
+    sec = Section(task, dtest, detector, iou, metrics, groups, per_class=per_class, plan=plan)
 
     if baseline is not None:
         base = [g for g in groups if g.name == baseline]
@@ -275,7 +279,7 @@ def _section(
             if g is b:
                 continue
             for m in metrics:
-                dl = compare(_trials(g, iou, m), _trials(b, iou, m))
+                dl = compare(_trials(g, iou, m), _trials(b, iou, m), plan)
                 if dl is not None:
                     g.deltas[m] = dl
     # baseline first, then by name: the reader compares every row against the first one
