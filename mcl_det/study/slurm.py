@@ -136,7 +136,9 @@ def submit_study(
         echo(f"--force: cancelling and resubmitting {', '.join(sid for sid, _ in changed)}")
         _cancel([j for _, j in changed])
     extra = _sbatch_params([*c.SBATCH, *sbatch])
-    env = {k: v for k, v in stage_env(study, 1).items() if k == "DETECTRON2_DATASETS"}
+    # what the stages need beyond the submitter's environment (which sbatch passes on)
+    keys = ("DETECTRON2_DATASETS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    env = {k: v for k, v in stage_env(study, 1).items() if k in keys}
     folder = study.out / "slurm" / "%j"
     cwd = os.getcwd()
 
@@ -175,7 +177,7 @@ def submit_study(
             study.out,
             s,
             overwrite=s.id in plan.overwrite or s.id in dict(changed),
-            env=env if s.kind == "detect" else {},
+            env=env,
             cleanup=cleanup_paths(study, s, by_id),
             cwd=cwd,
         )
