@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command from a fresh clone: virtual environment, torch, the project, detectron2 — then a job.
 #   bash tools/bootstrap.sh          # set up only
-#   bash tools/bootstrap.sh demo     # set up, then run the end-to-end demo (tools/demo.py)
+#   bash tools/bootstrap.sh demo     # set up, then run the demo study (studies/demo.yaml)
 #   bash tools/bootstrap.sh test     # set up, then run the test suite
 # Idempotent: a second run skips every install step whose inputs did not change (a few seconds).
 # MCL_DET_VENV overrides the environment's location (default: .venv in the repository).
@@ -67,7 +67,7 @@ job=${1:-}
 shift || true
 case "$job" in
   "") ;;
-  demo) exec "$PY" tools/demo.py "$@" ;;
+  demo) exec "$PY" tools/study.py run studies/demo.yaml "$@" ;;
   test)
     # the suite writes real checkpoints under the temp dir: ~0.85 GB at its peak
     tmp=${TMPDIR:-/tmp}

@@ -1,6 +1,6 @@
 """Fashion-MNIST from its idx files: a reader and an ImageFolder export.
 
-Why: the small real-image experiment (benchmarks/fashion_mnist_experiment.py) pretrains on the 60k
+Why: the small real-image experiment (studies/fashion_mnist.yaml) pretrains on the 60k
 training images and builds its detection scenes from the 10k held-out test images. The files come
 from the Debian package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist/*.gz``) or
 from the upstream download (same names, gzipped or not).

@@ -53,6 +53,19 @@ def loss_weights(cfg: CfgNode) -> dict[str, float]:
     return {name: float(cfg.LOSS[key]) for name, key in WEIGHT_KEYS.items()}
 
 
+# how the terms are written in reports and logs
+TERM_LABELS = {"vcl": "VCL", "icl": "ICL", "soft_vcl": "Soft VCL", "soft_icl": "Soft ICL"}
+
+
+def describe_terms(cfg: CfgNode) -> str:
+    """``"CE 1, VCL 0.1, ICL 0.1, Soft VCL 1, Soft ICL 1"``: the loss terms a resolved pretraining
+    config trains with (non-zero weights only), so a report says what each arm optimised and a
+    baseline visibly differs from its MCL arm only in the interaction terms."""
+    on = [("CE", float(cfg.LOSS.W_CE))] if cfg.MODE == "supervised" else []
+    on += [(TERM_LABELS[n], w) for n, w in loss_weights(cfg).items()]
+    return ", ".join(f"{n} {w:g}" for n, w in on if w != 0.0) or "none"
+
+
 def check_terms(needed: Iterable[str] | None) -> set[str]:
     """The set of term names (None: all four); an unknown name is an error."""
     if needed is None:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import yaml
 from tabulate import tabulate
 
 from ..config import config_changes, save_cfg
@@ -284,12 +285,33 @@ def write_report(spec_or_dir: str, decimals: int = 1) -> Path:
             inputs, baseline, c.REPORT.PER_CLASS, c.REFERENCE or None, decimals, **kw
         )
         title = f"{', '.join(arms[1:])} vs {baseline}" if len(arms) > 1 else baseline
-        md.append(f"## {title}\n\n{render(rep, 'md')}")
+        terms = pretraining_terms(study, arms)
+        md.append(f"## {title}\n\n{render(rep, 'md')}" + (f"\n{terms}\n" if terms else ""))
         js.append({"baseline": baseline, "arms": arms, "report": json.loads(render(rep, "json"))})
     out = study.out / "report.md"
     atomic_write_text(study.out / "report.json", json.dumps(js, indent=2) + "\n")
     atomic_write_text(out, "\n".join(md))
     return out
+
+
+def pretraining_terms(study: Study, arms: list[str]) -> str:
+    """One line naming the loss terms each pretrained arm trained with, read from its run's
+    saved ``config.yaml`` (the first seed's: the seeds differ in SEED only)."""
+    from yacs.config import CfgNode
+
+    from ..pretrain.losses import describe_terms
+
+    parts = []
+    for arm in arms:
+        found = sorted((study.out / "pretrain" / arm).glob("**/config.yaml"))
+        if not found:
+            continue
+        try:
+            cfg = CfgNode.load_cfg(found[0].read_text())  # yaml.safe_load underneath
+            parts.append(f"{arm}: {describe_terms(cfg)}")
+        except (OSError, ValueError, KeyError, AttributeError, yaml.YAMLError):
+            parts.append(f"{arm}: ? (unreadable {found[0]})")
+    return f"- Pretraining loss terms: {'; '.join(parts)}." if parts else ""
 
 
 # ----------------------------------------------------------------------------- plan

@@ -57,7 +57,13 @@ def plan_run(study: Study, stages: list[Stage], force: bool = False) -> RunPlan:
         else:
             todo.append(s)
     # a stale stage's dependents that had finished are replaced too; the rest resume as usual
-    overwrite = {sid for sid in rerun if records[sid] is not None and records[sid].state == DONE}
+    # (the report is no result of its own: rewritten whenever it runs, never "replaced")
+    kinds = {s.id: s.kind for s in stages}
+    overwrite = {
+        sid
+        for sid in rerun
+        if records[sid] is not None and records[sid].state == DONE and kinds[sid] != "report"
+    }
     return RunPlan(todo, kept, overwrite, records)
 
 
