@@ -91,7 +91,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: see README note)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: docs/BENCHMARKS.md)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_train_net.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

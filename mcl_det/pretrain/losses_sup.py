@@ -42,7 +42,7 @@ batch mean of -(mean over the row's positives of log softmax); a KL term is
 F.kl_div(log_softmax(student/T), softmax(teacher/T), batchmean) * T^2 with the teacher
 detached; every term is a plain SUM over members (VCL, Soft VCL over ordered pairs) or over
 ordered pairs a != b (ICL, Soft ICL), never averaged over the cohort.
-Where we do not (documented in the README): the caller's sampled positive is never the anchor
+Where we do not (docs/GETTING_STARTED.md): the caller's sampled positive is never the anchor
 itself unless its class has one image; an in-batch anchor whose class appears once has no
 positive and is left out of the CE means (the authors' loss is NaN then).
 

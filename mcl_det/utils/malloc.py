@@ -4,9 +4,10 @@ Why: glibc gives every allocation above its mmap threshold (32 MiB at most, by d
 mapping and unmaps it on free, and returns the top of the heap to the kernel above its trim
 threshold. A CPU training step allocates and frees gigabytes of activations, so every step
 page-faults them in again (the kernel zeroes each page). Raising both thresholds keeps freed
-buffers for reuse, which is what PyTorch's caching allocator does on a GPU (the measured gain is
-in the README, from benchmarks/bench_cohort_step.py). The price: the resident memory stays near
-the step's peak instead of dropping between steps. Not glibc (macOS, musl): nothing is changed.
+buffers for reuse, which is what PyTorch's caching allocator does on a GPU (the measured gain
+is in docs/BENCHMARKS.md, from benchmarks/bench_cohort_step.py). The price: the resident
+memory stays near the step's peak instead of dropping between steps. Not glibc (macOS, musl):
+nothing is changed.
 """
 
 from __future__ import annotations
