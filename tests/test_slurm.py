@@ -15,12 +15,14 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from clitools import run_tool
 from pretrain_toy import toy_opts
 
@@ -300,3 +302,105 @@ def test_job_array_then_afterok_dependency(slurm, tmp_path, job_env, job_name):
     assert [_result(t, 300) for t in tasks] == [1, 4, 9]
     assert {p.name: p.read_text() for p in marks.iterdir()} == {"1": "0", "2": "1", "3": "2"}
     assert _result(after, 300) == ["1", "2", "3"]
+
+
+# ----------------------------------------------------------------------------- a whole study
+
+
+def _study_spec(tmp_path: Path) -> Path:
+    """The toy study (tests/study_toy.py) with 18 pretraining iterations, so that a requeue lands
+    inside the training loop, and one CPU per job, so that two jobs share the node."""
+    from study_toy import toy_spec
+
+    spec = yaml.safe_load(toy_spec(tmp_path).read_text())
+    for arm in spec["ARMS"].values():
+        opts = arm["OPTS"]
+        opts[opts.index("SOLVER.MAX_ITER") + 1] = ITERS
+        arm["GPUS_PER_NODE"] = 0  # a CPU cluster
+    spec["PROTOCOLS"]["voc"]["GPUS"] = 0
+    spec["NAME"] = f"test-{uuid.uuid4().hex[:8]}"
+    spec["SLURM"] = {"CPUS_PER_GPU": 1, "MAX_REQUEUES": 3}
+    path = tmp_path / "slurm_study.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def _results(out: Path) -> dict[str, dict]:
+    return {
+        str(p.relative_to(out)): json.loads(p.read_text())["metrics"]
+        for p in sorted(out.glob("detect/**/results.json"))
+    }
+
+
+@pytest.mark.slow
+def test_toy_study_on_slurm_survives_a_requeue_and_matches_the_local_run(slurm, tmp_path, job_env):
+    """``tools/study.py run --cluster slurm --wait``: every stage a SLURM job (the trials of an
+    arm one array, afterok between them); the MCL pretraining job is requeued mid-training, resumes
+    from its checkpoint, and the study ends with the local run's weights and AP, bit for bit."""
+    from mcl_det.study.state import read_record
+
+    study_py = ROOT / "tools" / "study.py"
+    spec = _study_spec(tmp_path)
+    local, remote = tmp_path / "local", tmp_path / "slurm"
+    r = run_tool(study_py, "run", spec, "OUTPUT_DIR", local, "--jobs", "2", timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+    cmd = [sys.executable, str(study_py), "run", str(spec), "OUTPUT_DIR", str(remote)]
+    cmd += ["--cluster", "slurm", "--wait"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        t0 = time.monotonic()
+        while not _train_iterations(remote / "pretrain" / "mcl"):
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.monotonic() - t0 < JOB_DEADLINE_S, "pretrain.mcl never started training"
+            time.sleep(0.2)
+        job_id = read_record(remote, "pretrain.mcl").job_id
+        subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
+        text, _ = proc.communicate(timeout=2 * JOB_DEADLINE_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in (remote / "stages").glob("*.json"):  # nothing of ours stays in the queue
+            rec = json.loads(p.read_text())
+            if rec.get("job_id"):
+                _sh("scancel", rec["job_id"].split("_")[0])
+    assert proc.returncode == 0, text[-4000:]
+    assert "submitted pretrain.mcl as job" in text and "(after " in text
+    assert re.search(r"submitted detect\.voc\.mcl\.seed0, detect\.voc\.mcl\.seed1 as array", text)
+    trial = read_record(remote, "detect.voc.mcl.seed1")
+    assert trial.state == "done" and trial.job_id.endswith("_1")  # task 1 of its array
+    # the requeue: SLURM ran the same job again, which resumed inside the loop
+    log = Path(read_record(remote, "pretrain.mcl").log).read_text()
+    assert log.count("attempt ") == 2, log[-3000:]
+    m = re.search(r"resumed from \S+ at iteration (\d+)", log)
+    assert m and 0 < int(m.group(1)) < ITERS, log[-3000:]
+    assert "Restarts=1" in _slurm_says(job_id)
+    # ... and nothing differs from the local study
+    for arm in ("mcl", "baseline"):
+        last = Path("pretrain") / arm / LAST
+        assert load_checkpoint(remote / last)["iteration"] == ITERS
+        assert _same_weights(remote / last, local / last), arm
+    assert _results(remote) == _results(local) and len(_results(local)) == 4
+    assert "| mcl " in (remote / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_job_slurm_refuses_is_one_error_line(slurm, tmp_path, job_env):
+    """A GPU asked of a node without one: sbatch refuses; one ``error:`` line names the stage."""
+    spec = _study_spec(tmp_path)
+    text = spec.read_text().replace("GPUS_PER_NODE: 0", "GPUS_PER_NODE: 1")
+    spec.write_text(text)
+    out = tmp_path / "refused"
+    r = run_tool(ROOT / "tools" / "study.py", "run", spec, "OUTPUT_DIR", out, "--cluster", "slurm")
+    try:
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert (
+            r.stderr.strip()
+            .splitlines()[-1]
+            .startswith("error: SLURM refused the job of pretrain.")
+        )
+    finally:
+        for p in (out / "stages").glob("*.json"):
+            rec = json.loads(p.read_text())
+            if rec.get("job_id"):
+                _sh("scancel", rec["job_id"].split("_")[0])

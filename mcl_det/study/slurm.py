@@ -114,6 +114,7 @@ def submit_study(
     """Submit what ``plan`` says is to do; ``live``: SLURM's states of the jobs in the queue.
     Returns stage id -> job id of every stage submitted now or still queued."""
     import submitit
+    from submitit.core.utils import FailedJobError
 
     c = study.cfg.SLURM
     by_id = {s.id: s for s in stages}
@@ -190,6 +191,14 @@ def submit_study(
         fields = dict(attempt=0, started=None, finished=None, exit=None, log=str(j.paths.stdout))
         mark(study.out, s.id, SUBMITTED, s.fingerprint, job_id=j.job_id, **fields)
 
+    def refused(s: Stage, e: Exception) -> MCLDetError:
+        why = " ".join(str(e).split()) or type(e).__name__
+        return MCLDetError(
+            f"SLURM refused the job of {s.id} ({why}); the jobs submitted before it stay "
+            "queued: fix the spec's resources (GPUS_PER_NODE / GPUS 0 on a CPU cluster) or the "
+            "SLURM options and run the same command again"
+        )
+
     todo = [s for s in plan.todo if s.id not in job_of]
     arrays: dict[tuple[str, str], list[Stage]] = {}
     for s in todo:
@@ -203,8 +212,11 @@ def submit_study(
                 continue  # submitted with the first trial of its array
             deps = sorted({job_of[d] for t in group for d in t.deps if d in job_of})
             ex = executor(s, deps)
-            with ex.batch():
-                jobs = [ex.submit(job(t)) for t in group]
+            try:
+                with ex.batch():
+                    jobs = [ex.submit(job(t)) for t in group]
+            except (FailedJobError, OSError) as e:
+                raise refused(s, e) from None
             for t, j in zip(group, jobs):
                 record(t, j)
             submitted += 1
@@ -212,7 +224,10 @@ def submit_study(
             echo(f"submitted {', '.join(t.id for t in group)} as array {array}")
             continue
         deps = sorted({job_of[d] for d in s.deps if d in job_of})
-        j = executor(s, deps).submit(job(s))
+        try:
+            j = executor(s, deps).submit(job(s))
+        except (FailedJobError, OSError) as e:
+            raise refused(s, e) from None
         record(s, j)
         submitted += 1
         after = f" (after {', '.join(deps)})" if deps else ""
