@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..utils.elastic import elastic_mode, restart_count
 from ..utils.errors import MCLDetError
 from ..utils.preempt import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted, forward_signals
 from ..utils.rundir import RunDir, check_output_path, open_run_dir
@@ -91,12 +92,26 @@ def add_run_mode_flags(
 
 def run_mode(args: argparse.Namespace) -> str:
     """The ``open_run_dir`` mode the flags ask for: ``new`` (none), ``resume``, ``auto``
-    (--auto-resume) or ``overwrite``; two of them at once are a user error."""
+    (--auto-resume) or ``overwrite``; two of them at once are a user error.
+
+    A worker group torchrun restarted (``--max-restarts``) continues its run by ``--auto-resume``'s
+    rules whatever the flags (``mcl_det.utils.elastic.elastic_mode``; ``--resume`` stays).
+    """
     chosen = [f for f in _MODE_OF_FLAG if getattr(args, f, False)]
     if len(chosen) > 1:
         flags = " and ".join("--" + f.replace("_", "-") for f in chosen)
         raise MCLDetError(f"{flags} contradict each other; pass one of them")
-    return _MODE_OF_FLAG[chosen[0]] if chosen else "new"
+    asked = _MODE_OF_FLAG[chosen[0]] if chosen else "new"
+    mode = elastic_mode(asked)
+    if restart_count() and _rank() == 0:
+        how = "by --auto-resume's rules" if mode == "auto" else f"as --{mode} asks"
+        print(
+            f"torchrun restart {restart_count()}: continuing the run from its last complete "
+            f"checkpoint {how}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return mode
 
 
 # ----------------------------------------------------------------------------- the output folder
