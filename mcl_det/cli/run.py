@@ -175,10 +175,28 @@ def worker_main(body: Callable[..., Any], *args: Any) -> None:
         sys.exit(EXIT_PREEMPTED)
     except KeyboardInterrupt:
         sys.exit(EXIT_INTERRUPTED)
-    except Exception:
+    except Exception as e:
+        if _collective_failed(e) and not os.environ.get("MCL_DET_DEBUG"):
+            # a peer died (the launcher names it) or timed out: the cause is elsewhere, not a
+            # bug here, so one line instead of a traceback
+            what = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            print(f"worker rank {_rank()}: a collective failed ({what})", file=sys.stderr)
+            sys.stderr.flush()
+            sys.exit(EXIT_CRASH)
         traceback.print_exc()
         sys.stderr.flush()
         sys.exit(EXIT_CRASH)
+
+
+def _collective_failed(e: BaseException) -> bool:
+    """Whether ``e`` was raised inside torch.distributed (a collective or the process group)."""
+    import torch.distributed as dist
+
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    frames = traceback.extract_tb(e.__traceback__)
+    where = os.sep + os.path.join("torch", "distributed") + os.sep
+    return isinstance(e, RuntimeError) and bool(frames) and where in frames[-1].filename
 
 
 def _worker_pids() -> list[int]:
