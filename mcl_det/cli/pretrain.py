@@ -2,7 +2,10 @@
 
 Without --config-file the toy config (pretrain/configs/toy.yaml) is used: it generates a toy
 ImageFolder under datasets/toy/imagenet and trains 2 x ResNet-18 for a few iterations on CPU.
-Several processes: ``--num-gpus N`` on one machine, or ``torchrun --nproc_per_node N ...``.
+Several processes: ``--num-gpus N`` on one machine, or ``torchrun --nproc_per_node N ...``;
+``torchrun --max-restarts K`` restarts a group that lost a worker, which continues from the last
+complete checkpoint (``--auto-resume``'s rules). A dead worker under ``--num-gpus`` stops the
+others and the command (one ``error:`` line naming its rank); ``--auto-resume`` continues.
 
 An OUTPUT_DIR holding another run is refused unless --resume, --auto-resume or --overwrite;
 SIGTERM/SIGUSR1 stop after the current iteration with a checkpoint and exit code 75.
@@ -20,7 +23,7 @@ from yacs.config import CfgNode
 
 from ..config import same_run_check
 from ..pretrain import distributed as du
-from ..pretrain.config import setup_pretrain_cfg
+from ..pretrain.config import TIMEOUT_KEY, setup_pretrain_cfg
 from ..pretrain.engine import RUN_CHECKPOINTS, RUN_OUTPUTS, train
 from ..utils import preempt
 from ..utils.errors import MCLDetError
@@ -93,7 +96,7 @@ def launch_training(
         RUN_OUTPUTS,
         owner=int(os.environ.get("RANK", "0")) == 0,
         checkpoints=RUN_CHECKPOINTS,
-        run_differs=same_run_check([cfg]),
+        run_differs=same_run_check([cfg], ("OUTPUT_DIR", TIMEOUT_KEY)),
     ) as run:
         if num_procs <= 1:
             return train_here(cfg, run.resume)

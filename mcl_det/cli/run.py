@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..utils.elastic import elastic_mode, restart_count
 from ..utils.errors import MCLDetError
 from ..utils.preempt import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted, forward_signals
 from ..utils.rundir import RunDir, check_output_path, open_run_dir
@@ -91,12 +92,26 @@ def add_run_mode_flags(
 
 def run_mode(args: argparse.Namespace) -> str:
     """The ``open_run_dir`` mode the flags ask for: ``new`` (none), ``resume``, ``auto``
-    (--auto-resume) or ``overwrite``; two of them at once are a user error."""
+    (--auto-resume) or ``overwrite``; two of them at once are a user error.
+
+    A worker group torchrun restarted (``--max-restarts``) continues its run by ``--auto-resume``'s
+    rules whatever the flags (``mcl_det.utils.elastic.elastic_mode``; ``--resume`` stays).
+    """
     chosen = [f for f in _MODE_OF_FLAG if getattr(args, f, False)]
     if len(chosen) > 1:
         flags = " and ".join("--" + f.replace("_", "-") for f in chosen)
         raise MCLDetError(f"{flags} contradict each other; pass one of them")
-    return _MODE_OF_FLAG[chosen[0]] if chosen else "new"
+    asked = _MODE_OF_FLAG[chosen[0]] if chosen else "new"
+    mode = elastic_mode(asked)
+    if restart_count() and _rank() == 0:
+        how = "by --auto-resume's rules" if mode == "auto" else f"as --{mode} asks"
+        print(
+            f"torchrun restart {restart_count()}: continuing the run from its last complete "
+            f"checkpoint {how}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return mode
 
 
 # ----------------------------------------------------------------------------- the output folder
@@ -160,10 +175,28 @@ def worker_main(body: Callable[..., Any], *args: Any) -> None:
         sys.exit(EXIT_PREEMPTED)
     except KeyboardInterrupt:
         sys.exit(EXIT_INTERRUPTED)
-    except Exception:
+    except Exception as e:
+        if _collective_failed(e) and not os.environ.get("MCL_DET_DEBUG"):
+            # a peer died (the launcher names it) or timed out: the cause is elsewhere, not a
+            # bug here, so one line instead of a traceback
+            what = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            print(f"worker rank {_rank()}: a collective failed ({what})", file=sys.stderr)
+            sys.stderr.flush()
+            sys.exit(EXIT_CRASH)
         traceback.print_exc()
         sys.stderr.flush()
         sys.exit(EXIT_CRASH)
+
+
+def _collective_failed(e: BaseException) -> bool:
+    """Whether ``e`` was raised inside torch.distributed (a collective or the process group)."""
+    import torch.distributed as dist
+
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    frames = traceback.extract_tb(e.__traceback__)
+    where = os.sep + os.path.join("torch", "distributed") + os.sep
+    return isinstance(e, RuntimeError) and bool(frames) and where in frames[-1].filename
 
 
 def _worker_pids() -> list[int]:

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from datetime import timedelta
 
 import torch
 from detectron2.config import CfgNode
@@ -28,7 +29,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..config import same_run_check
 from ..detection.checkpoint import UNSAFE_LOAD_FLAG
-from ..detection.config import config_digest
+from ..detection.config import DIST_TIMEOUT_KEY, config_digest
 from ..detection.datasets import prepare_datasets
 from ..detection.train import (
     RUN_CHECKPOINTS,
@@ -39,6 +40,7 @@ from ..detection.train import (
     trial_cfgs,
 )
 from ..utils import preempt
+from ..utils.elastic import prepare_collectives
 from ..utils.errors import MCLDetError
 from .run import add_run_mode_flags, claim_output_dir, launch, run_main, run_mode
 
@@ -128,7 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         owner=args.machine_rank == 0,
         checkpoints=RUN_CHECKPOINTS,
         keep=[cfg.MODEL.WEIGHTS] if "://" not in cfg.MODEL.WEIGHTS else [],
-        run_differs=same_run_check(trial_cfgs(cfg, args.trials), ("SEED", "OUTPUT_DIR")),
+        run_differs=same_run_check(
+            trial_cfgs(cfg, args.trials), ("SEED", "OUTPUT_DIR", DIST_TIMEOUT_KEY)
+        ),
     ) as run:
         args.resume = run.resume
         prepare_datasets(cfg)
@@ -137,11 +141,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if nprocs * args.num_machines == 1:
             worker(args)
             return 0
+        if cfg.MCL_DET.DIST_TIMEOUT_S <= 0:
+            raise MCLDetError(
+                f"MCL_DET.DIST_TIMEOUT_S must be > 0 seconds, got {cfg.MCL_DET.DIST_TIMEOUT_S}"
+            )
+        prepare_collectives()  # inherited by the workers: a failed collective ends the process
         spawn = functools.partial(  # detectron2's: its comm and per-machine process groups
             d2_launch,
             num_machines=args.num_machines,
             machine_rank=args.machine_rank,
             dist_url=args.dist_url,
+            timeout=timedelta(seconds=cfg.MCL_DET.DIST_TIMEOUT_S),
         )
         first = args.machine_rank * nprocs
         launch(spawn, worker, nprocs, (args,), output_dir=cfg.OUTPUT_DIR, first_rank=first)

@@ -10,6 +10,12 @@ import hashlib
 
 from detectron2.config import CfgNode, get_cfg
 
+from ..utils.elastic import DEFAULT_TIMEOUT_S
+
+# How long a collective waits for a peer (detectron2 launch's ``timeout``); no effect on results,
+# so it is neither in the digest nor a reason for --auto-resume to call a run another one.
+DIST_TIMEOUT_KEY = "MCL_DET.DIST_TIMEOUT_S"
+
 
 def add_mcl_det_config(cfg: CfgNode) -> CfgNode:
     """Add ``cfg.MCL_DET.*`` (in place, and return cfg).
@@ -24,6 +30,8 @@ def add_mcl_det_config(cfg: CfgNode) -> CfgNode:
                             holds Annotations/, JPEGImages/, ImageSets/Main/<split>.txt.
     MCL_DET.DATASETS.VOC_CLASSES  class names of those VOC datasets (empty -> the 20 VOC classes).
     MCL_DET.DATASETS.COCO   list of [name, image_dir, instances_json] triples.
+    MCL_DET.DIST_TIMEOUT_S  seconds a collective waits for a peer before the process fails
+                            (several processes; pretraining's DIST.TIMEOUT_S, docs/DESIGN.md).
     """
     cfg.MCL_DET = CfgNode()
     cfg.MCL_DET.WEIGHTS_TAG = ""
@@ -33,6 +41,7 @@ def add_mcl_det_config(cfg: CfgNode) -> CfgNode:
     cfg.MCL_DET.DATASETS.VOC = []
     cfg.MCL_DET.DATASETS.VOC_CLASSES = []
     cfg.MCL_DET.DATASETS.COCO = []
+    cfg.MCL_DET.DIST_TIMEOUT_S = DEFAULT_TIMEOUT_S
     return cfg
 
 
@@ -49,6 +58,7 @@ _DIGEST_EXCLUDED = (
     ("MCL_DET", "WEIGHTS_TAG"),
     ("MCL_DET", "RUN_NAME"),
     ("MCL_DET", "SEEDS"),
+    tuple(DIST_TIMEOUT_KEY.split(".")),
 )
 
 

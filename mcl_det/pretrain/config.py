@@ -15,6 +15,7 @@ import yaml
 from fvcore.common.config import CfgNode
 
 from ..config import merge_cfg
+from ..utils.elastic import DEFAULT_TIMEOUT_S
 from ..utils.errors import MCLDetError
 from .choices import (
     AMP_MODES,
@@ -25,6 +26,9 @@ from .choices import (
     SCHEDULES,
     SUP_NEGATIVES,
 )
+
+# the key of the collectives' timeout: it changes no result, so --auto-resume ignores it
+TIMEOUT_KEY = "DIST.TIMEOUT_S"
 
 
 class CN(CfgNode):
@@ -132,6 +136,12 @@ def get_pretrain_cfg() -> CN:
     _C.MONITOR.TENSORBOARD = True
     _C.MONITOR.PROGRESS = True  # tqdm bar with ETA (rank 0)
 
+    _C.DIST = CN()  # several processes (--num-gpus N, torchrun); see docs/DESIGN.md
+    # seconds a collective waits for a peer before it fails and ends the process (a dead or hung
+    # rank never blocks the others for longer); longer than anything one rank does alone while
+    # the others wait (rank 0's kNN monitor, a checkpoint write). Does not change results.
+    _C.DIST.TIMEOUT_S = DEFAULT_TIMEOUT_S
+
     _C.LINEAR = CN()  # linear evaluation, MoCo recipe
     _C.LINEAR.LR = 30.0
     _C.LINEAR.EPOCHS = 100
@@ -220,6 +230,11 @@ def check_cfg(cfg: CN) -> None:
         raise MCLDetError(
             f"DATA.SUP_CROP_SCALE must be (min, max) with 0 < min <= max <= 1, got {scale}: the "
             "range of RandomResizedCrop's area fraction"
+        )
+    if not float(cfg.DIST.TIMEOUT_S) > 0:
+        raise MCLDetError(
+            f"DIST.TIMEOUT_S must be > 0 seconds, got {cfg.DIST.TIMEOUT_S}: how long a collective "
+            f"waits for a peer ({DEFAULT_TIMEOUT_S} by default)"
         )
     if not 0.0 < float(cfg.DATA.EVAL_CROP) <= 1.0:
         raise MCLDetError(

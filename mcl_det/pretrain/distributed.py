@@ -13,12 +13,15 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor
+
+from ..utils.elastic import DEFAULT_TIMEOUT_S, prepare_collectives, restart_count
 
 
 def is_dist() -> bool:
@@ -97,12 +100,16 @@ def pick_device(name: str = "", local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
-def init_distributed(device_type: str) -> tuple[int, int, int]:
+def init_distributed(
+    device_type: str, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> tuple[int, int, int]:
     """Join the env:// process group when launched by torchrun/launch. Returns (rank, world, local).
 
     Backend: nccl for CUDA, gloo for CPU. Without RANK/WORLD_SIZE in the environment: one process.
     torchrun with one process joins a group of one too (``TORCHELASTIC_RUN_ID`` is set), so a
     1-GPU torchrun run goes through the same NCCL set-up and barriers as an 8-GPU one.
+    ``timeout_s`` (``DIST.TIMEOUT_S``): how long a collective may wait for a peer before it fails
+    and, NCCL's asynchronous error handling set (``mcl_det.utils.elastic``), ends the process.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
@@ -112,11 +119,39 @@ def init_distributed(device_type: str) -> tuple[int, int, int]:
     backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
         torch.cuda.set_device(local)
-    dist.init_process_group(backend=backend, init_method="env://")
+    prepare_collectives()
+    timeout = timedelta(seconds=timeout_s)
+    if under_torchrun:
+        rank = int(os.environ["RANK"])
+        store = attempt_store(rank, world, timeout)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
     if dist.get_rank() == 0:
         n = dist.get_world_size()
         print(f"joined the {backend} process group: {n} process(es)", flush=True)
     return dist.get_rank(), dist.get_world_size(), local
+
+
+def attempt_store(rank: int, world: int, timeout: timedelta) -> dist.Store:
+    """The key-value store the process group of this torchrun attempt meets in, with keys of its
+    own (``mcl_det/attempt_<TORCHELASTIC_RESTART_COUNT>/``).
+
+    Why not plain ``env://``: with a c10d rendezvous the agent serves one store at MASTER_PORT for
+    every restart of the group, and the gloo addresses the killed attempt's processes published
+    there are still in it; a restarted rank that reads a dead peer's address before the peer's
+    new incarnation overwrites it fails to connect, and the restart is lost (seen with torch
+    2.14, ``connectFullMesh ... Connection refused``). Without the agent's store, rank 0 serves it.
+    """
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=not agent and rank == 0,
+        timeout=timeout,
+    )
+    return dist.PrefixStore(f"mcl_det/attempt_{restart_count()}", store)
 
 
 def cleanup_distributed() -> None:

@@ -103,7 +103,7 @@ class Trainer:
         self.cfg = cfg
         self.archs = member_archs(cfg)
         dev_type = pick_device(cfg.DEVICE).type  # nccl for cuda, gloo for cpu
-        self.rank, self.world, local = du.init_distributed(dev_type)
+        self.rank, self.world, local = du.init_distributed(dev_type, cfg.DIST.TIMEOUT_S)
         self.device = pick_device(cfg.DEVICE, local)
         self.main = self.rank == 0
         if self.device.type == "cpu" and cfg.CPU_KEEP_FREED_MEMORY:

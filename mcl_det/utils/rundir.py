@@ -6,8 +6,12 @@ expensive work. It
 - checks the path (:func:`check_output_path`): under a regular file or in a read-only place is
   one ``error:`` line, not a traceback after hours of work;
 - takes an exclusive ``fcntl.flock`` on ``OUTPUT_DIR/.lock`` (the kernel releases it when the
-  process dies, even on kill -9, so a crash never leaves a stale lock); a second run into the same
-  folder stops at once, naming the pid that holds it;
+  process dies, even on kill -9, so a crash never leaves a stale lock; processes forked from the
+  holder, e.g. DataLoader workers, close their copy at once, so they never keep a dead holder's
+  lock alive); a second run into the same folder stops at once, naming the pid that holds it.
+  What owns the lock is the holder's open file, not a pid or a name written down: a restarted
+  attempt of the same run (a torchrun restart, a requeued job) takes it again as soon as the
+  earlier attempt's processes are gone, a concurrent run is refused while they live;
 - refuses a folder that already holds a run's outputs unless asked to continue it (``resume``),
   continue it only if present (``auto``, for requeued cluster jobs) or replace it (``overwrite``:
   the previous run's outputs are deleted first, so logs and metrics of two runs never mix);
@@ -32,6 +36,28 @@ from .io import TMP_NAME_RE
 
 LOCK_NAME = ".lock"
 RUN_MODES = ("new", "resume", "auto", "overwrite")
+# descriptor -> (device, inode) of each run lock this process took: a forked child closes its
+# copies (_close_locks_after_fork) so that only the holder itself keeps the flock alive. The file
+# identity guards against a descriptor number the holder closed itself and then reused.
+_HELD_LOCKS: dict[int, tuple[int, int]] = {}
+
+
+def _file_id(fd: int) -> tuple[int, int] | None:
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _close_locks_after_fork() -> None:
+    for fd, ident in _HELD_LOCKS.items():
+        if _file_id(fd) == ident:
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_locks_after_fork)
 
 
 # ----------------------------------------------------------------------------- path checks
@@ -140,7 +166,8 @@ class RunDir:
 
     def release(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
+            if _HELD_LOCKS.pop(self._fd, None) is not None:  # not a forked child's closed copy
+                os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
 
     def __enter__(self) -> RunDir:
@@ -181,6 +208,8 @@ def lock_run_dir(path: str | os.PathLike) -> int:
         os.close(fd)
         raise MCLDetError(f"cannot lock {lock_path}: {e.strerror}; choose another path") from None
     os.set_inheritable(fd, False)
+    st = os.fstat(fd)
+    _HELD_LOCKS[fd] = (st.st_dev, st.st_ino)
     info = f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv)}\n"
     os.ftruncate(fd, 0)
     os.pwrite(fd, info.encode(), 0)
@@ -257,6 +286,7 @@ def open_run_dir(
                     d.unlink()
         removed = remove_stale_tmp(p, recursive=True)
     except BaseException:
+        _HELD_LOCKS.pop(fd, None)
         os.close(fd)
         raise
     return RunDir(p, resume, found, removed, fd)
