@@ -28,7 +28,7 @@ from mcl_det.utils.errors import MCLDetError
 from mcl_det.utils.io import sha256_file
 from mcl_det.utils.preempt import EXIT_INTERRUPTED, EXIT_PREEMPTED
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MAIN = ROOT / "pretrain" / "main.py"
 TOY = str(ROOT / "pretrain" / "configs" / "toy.yaml")
 LAST = "checkpoint_last.pth"

@@ -20,7 +20,7 @@ from mcl_det.utils.rundir import (
     remove_stale_tmp,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OUTPUTS = ("results.json", "model_*.pth", "log.txt", "inference")
 CKPTS = ("model_*.pth",)
 

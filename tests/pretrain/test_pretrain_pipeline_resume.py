@@ -17,7 +17,7 @@ def _opts(root, out, **extra):
     return toy_opts(root, out, **{"DATA.PIPELINE": "device", "DEVICE": "cpu", **extra})
 
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOY = str(ROOT / "pretrain" / "configs" / "toy.yaml")
 
 

@@ -15,7 +15,7 @@ from mcl_det.pretrain.config import setup_pretrain_cfg
 from mcl_det.pretrain.engine import train
 from mcl_det.utils.io import sha256_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOY = str(ROOT / "pretrain" / "configs" / "toy.yaml")
 
 

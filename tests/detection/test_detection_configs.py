@@ -17,7 +17,7 @@ from mcl_det.detection.config import config_digest  # noqa: E402
 from mcl_det.detection.train import Trainer, setup_cfg, syncbn_to_bn  # noqa: E402
 from mcl_det.utils.errors import MCLDetError  # noqa: E402
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "detection_configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "detection_configs"
 CONFIGS = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
 
 

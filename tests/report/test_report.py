@@ -26,7 +26,7 @@ from mcl_det.report.stats import (
 from mcl_det.report.tables import load_reference
 from mcl_det.utils.errors import MCLDetError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DET = "GeneralizedRCNN/StandardROIHeads/build_resnet_fpn_backbone/R18"
 
 

@@ -25,7 +25,7 @@ from mcl_det.data.toy import (
 )
 from mcl_det.utils.errors import MCLDetError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

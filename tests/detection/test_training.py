@@ -20,7 +20,7 @@ from mcl_det.detection.train import (  # noqa: E402
 )
 from mcl_det.utils.errors import MCLDetError  # noqa: E402
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "detection_configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "detection_configs"
 FPN = str(CONFIG_DIR / "toy_voc_faster_rcnn_r18_fpn.yaml")
 C4 = str(CONFIG_DIR / "toy_voc_faster_rcnn_r18_c4.yaml")
 # smallest settings that still exercise everything: 2 images of ~96 px per step, 2 steps

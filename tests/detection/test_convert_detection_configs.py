@@ -18,7 +18,7 @@ from mcl_det.convert import convert_checkpoint
 from mcl_det.detection.train import setup_cfg
 from mcl_det.weights_settings import check_weights_against_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _randomised_resnet(depth: int) -> dict[str, torch.Tensor]:

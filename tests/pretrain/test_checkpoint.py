@@ -33,7 +33,7 @@ from mcl_det.utils.errors import MCLDetError
 from mcl_det.utils.io import load_torch
 from mcl_det.utils.rng import rng_state, set_rng_state
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONVERT = ROOT / "tools" / "convert_to_d2.py"
 LINEAR_EVAL = ROOT / "tools" / "linear_eval.py"
 

@@ -21,7 +21,7 @@ from mcl_det.convert import convert_checkpoint, read_checkpoint, rename_to_d2, t
 from mcl_det.utils.errors import MCLDetError
 from mcl_det.weights_settings import check_weights_against_config, yaml_path_for
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "convert_to_d2.py"
 
 

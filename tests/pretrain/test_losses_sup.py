@@ -489,7 +489,7 @@ def test_bad_arguments_are_errors():
 def test_sup_terms_compare_script(tmp_path):
     spec = importlib.util.spec_from_file_location(
         "sup_terms_compare",
-        Path(__file__).resolve().parents[1] / "benchmarks" / "sup_terms_compare.py",
+        Path(__file__).resolve().parents[2] / "benchmarks" / "sup_terms_compare.py",
     )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -30,7 +30,7 @@ from mcl_det.detection.train import Trainer, check_weights, run_one, setup_cfg  
 from mcl_det.utils.errors import MCLDetError  # noqa: E402
 from mcl_det.utils.io import restricted_pickle_load, sha256_file  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TRAIN_NET = ROOT / "tools" / "train_net.py"
 FPN = str(ROOT / "detection_configs" / "toy_voc_faster_rcnn_r18_fpn.yaml")
 FAST = """

@@ -334,7 +334,7 @@ def test_bench_mcl_losses_runs_tiny_and_counts_ops(tmp_path):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "bench_mcl_losses", Path(__file__).resolve().parents[1] / "benchmarks/bench_mcl_losses.py"
+        "bench_mcl_losses", Path(__file__).resolve().parents[2] / "benchmarks/bench_mcl_losses.py"
     )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -336,7 +336,7 @@ def test_cli_fashion(tmp_path, fm_dir):
     import subprocess
     import sys
 
-    tool = str(Path(__file__).resolve().parents[1] / "tools" / "make_toy_data.py")
+    tool = str(Path(__file__).resolve().parents[2] / "tools" / "make_toy_data.py")
     base = [sys.executable, tool, "--root", str(tmp_path), "--fashion-dir", str(fm_dir)]
     sizes = ["--num-train", "4", "--num-test", "2"]
     r = subprocess.run([*base, "--what", "fashion-scenes", *sizes], capture_output=True, text=True)

@@ -31,7 +31,7 @@ from mcl_det.pretrain.checkpoint import load_checkpoint
 from mcl_det.pretrain.config import setup_pretrain_cfg
 from mcl_det.pretrain.engine import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SUBMIT = ROOT / "tools" / "submit.py"
 TOY = str(ROOT / "pretrain" / "configs" / "toy.yaml")
 LAST = "checkpoint_last.pth"

@@ -258,7 +258,7 @@ def test_pretrain_default_config_is_the_checkouts_toy_config(tmp_path, monkeypat
     from mcl_det.cli import pretrain
 
     assert pretrain.default_config() == str(pretrain.TOY) and pretrain.TOY.is_file()
-    assert pretrain.TOY == Path(__file__).resolve().parents[1] / "pretrain/configs/toy.yaml"
+    assert pretrain.TOY == Path(__file__).resolve().parents[2] / "pretrain/configs/toy.yaml"
     monkeypatch.setattr(pretrain, "TOY", tmp_path / "site-packages" / "pretrain" / "toy.yaml")
     with pytest.raises(MCLDetError, match=r"not with an installed mcl_det\); pass --config-file$"):
         pretrain.default_config()

@@ -12,7 +12,7 @@ from mcl_det.pretrain.config import member_archs, normalize_opts, setup_pretrain
 from mcl_det.pretrain.models import build_cohort
 from mcl_det.utils.errors import MCLDetError
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "pretrain" / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "pretrain" / "configs"
 # Base-*.yaml: settings a family of configs shares (detectron2's naming), not runs of their own
 BASES = sorted(CONFIG_DIR.glob("Base-*.yaml"))
 CONFIGS = sorted(set(CONFIG_DIR.glob("*.yaml")) - set(BASES))

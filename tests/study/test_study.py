@@ -23,7 +23,7 @@ from mcl_det.study.spec import load_spec
 from mcl_det.study.state import DONE, FAILED, mark, read_record
 from mcl_det.utils.errors import MCLDetError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STUDY = ROOT / "tools" / "study.py"
 SHIPPED = sorted((ROOT / "studies").glob("*.yaml"))
 

@@ -247,7 +247,7 @@ def _imported_modules(path):
 def test_config_and_models_do_not_import_each_other():
     from pathlib import Path
 
-    pkg = Path(__file__).resolve().parents[1] / "mcl_det" / "pretrain"
+    pkg = Path(__file__).resolve().parents[2] / "mcl_det" / "pretrain"
     in_config, in_models = (
         _imported_modules(pkg / "config.py"),
         _imported_modules(pkg / "models.py"),
