@@ -378,7 +378,8 @@ def test_toy_study_on_slurm_survives_a_requeue_and_matches_the_local_run(slurm, 
     # ... and nothing differs from the local study
     for arm in ("mcl", "baseline"):
         last = Path("pretrain") / arm / LAST
-        assert load_checkpoint(remote / last)["iteration"] == ITERS
+        done = load_checkpoint(local / last)["iteration"]  # the epochs end before MAX_ITER
+        assert load_checkpoint(remote / last)["iteration"] == done > int(m.group(1))
         assert _same_weights(remote / last, local / last), arm
     assert _results(remote) == _results(local) and len(_results(local)) == 4
     assert "| mcl " in (remote / "report.md").read_text()
