@@ -70,3 +70,11 @@ def lock_held_elsewhere(folder: Path) -> Iterator[int]:
     finally:
         p.kill()
         p.wait()
+
+
+def signal_lock_holders_parent(folder: Path, sig: int) -> None:
+    """Send ``sig`` to the parent of the process holding ``folder``'s run lock: the submitit job
+    around a training command, as SLURM signals it before the time limit or on preemption."""
+    pid = int((Path(folder) / ".lock").read_text().split()[1])
+    parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    os.kill(parent, sig)

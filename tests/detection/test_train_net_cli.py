@@ -13,7 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-from clitools import file_digests, lock_held_elsewhere, one_error_line, run_tool
+from clitools import (
+    file_digests,
+    lock_held_elsewhere,
+    one_error_line,
+    run_tool,
+    signal_lock_holders_parent,
+)
 
 pytest.importorskip("detectron2")
 
@@ -241,9 +247,7 @@ def test_submitit_job_requeued_on_preemption_finishes_with_same_weights(
             return None if not job.done() else 1
 
     _wait_for_training(out, _Proc())
-    train_pid = int((out / ".lock").read_text().split()[1])
-    job_pid = int(Path(f"/proc/{train_pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    os.kill(job_pid, signal.SIGUSR2)  # what SLURM sends before the time limit / on preemption
+    signal_lock_holders_parent(out, signal.SIGUSR2)  # SLURM's time-limit / preemption signal
     assert job.result() == 0
     log = job.stdout()
     assert "attempt 1:" in log and "attempt 2:" in log, log[-3000:]

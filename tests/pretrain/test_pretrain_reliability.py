@@ -6,7 +6,6 @@ submitit job preempted and requeued."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import textwrap
@@ -15,7 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from clitools import file_digests, lock_held_elsewhere, one_error_line, run_tool
+from clitools import (
+    file_digests,
+    lock_held_elsewhere,
+    one_error_line,
+    run_tool,
+    signal_lock_holders_parent,
+)
 from PIL import Image
 from pretrain_toy import toy_opts
 
@@ -328,9 +333,7 @@ def test_submitit_job_requeued_on_preemption_finishes_with_same_weights(
         assert not job.done(), job.stderr()
         assert time.monotonic() - t0 < 240
         time.sleep(0.05)
-    train_pid = int((out / ".lock").read_text().split()[1])
-    job_pid = int(Path(f"/proc/{train_pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    os.kill(job_pid, signal.SIGUSR2)  # what SLURM sends before the time limit / on preemption
+    signal_lock_holders_parent(out, signal.SIGUSR2)  # SLURM's time-limit / preemption signal
     assert job.result() == 0
     log = job.stdout()
     assert "attempt 1:" in log and "attempt 2:" in log, log[-3000:]
